@@ -1,0 +1,44 @@
+"Shared fixtures: offline data from ../shared, a temporary project root, and console scripts as subprocesses"
+import os, sys, shutil, subprocess
+from pathlib import Path
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent/'shared'
+BIN = Path(sys.executable).parent
+
+if 'TIKTOKEN_CACHE_DIR' not in os.environ and (SHARED/'tiktoken-cache').is_dir():
+    os.environ['TIKTOKEN_CACHE_DIR'] = str(SHARED/'tiktoken-cache')
+
+@pytest.fixture(scope='session')
+def shakespeare_path() -> Path:
+    "Tiny Shakespeare on disk: ../shared, else the repository's prepared copy"
+    for p in (SHARED/'data'/'tinyshakespeare'/'input.txt', REPO/'etc'/'dataset'/'shakespeare_char'/'input.txt'):
+        if p.is_file(): return p
+    pytest.skip('tiny Shakespeare is not available offline (../shared/data/tinyshakespeare/input.txt)')
+
+@pytest.fixture(scope='session')
+def _prepared_char(tmp_path_factory, shakespeare_path):
+    "shakespeare_char prepared once per test session, in its own root"
+    root = tmp_path_factory.mktemp('prepared')
+    env = {**os.environ, 'MUNCHKIN_ROOT': str(root)}
+    subprocess.run([BIN/'munchkin-nb-prepare', 'shakespeare_char', '--source', str(shakespeare_path)],
+                   env=env, check=True, capture_output=True)
+    return root/'etc'/'dataset'/'shakespeare_char'
+
+@pytest.fixture
+def root(tmp_path, monkeypatch, _prepared_char) -> Path:
+    "A temporary MUNCHKIN_ROOT with shakespeare_char already prepared"
+    shutil.copytree(_prepared_char, tmp_path/'etc'/'dataset'/'shakespeare_char')
+    monkeypatch.setenv('MUNCHKIN_ROOT', str(tmp_path))
+    return tmp_path
+
+def run_script(name, *args, root=None, timeout=300, **kw) -> subprocess.CompletedProcess:
+    "Run console script `name` with `args` as a subprocess (MUNCHKIN_ROOT=`root`), capturing text output"
+    env = {**os.environ, **({'MUNCHKIN_ROOT': str(root)} if root else {}), **kw.pop('env', {})}
+    return subprocess.run([str(BIN/name), *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout, **kw)
+
+@pytest.fixture
+def run_cli(root):
+    "Run a console script in the temporary root: `run_cli('munchkin-nb-train', 'shakespeare-char-cpu', '--max_iters', 5)`"
+    return lambda name, *args, **kw: run_script(name, *args, root=root, **kw)
