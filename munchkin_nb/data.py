@@ -215,7 +215,6 @@ _BATCH_CHARS = 1 << 22
 def _tokenize_stream(pieces, tok, out_path:Path, total_bytes:int=None):
     "Tokenize `(text, ends_doc)` pieces into `out_path` (uint16); return each document's token count"
     lengths, cur, batch, nchars = [], 0, [], 0
-    bar = tqdm(total=total_bytes, unit='B', unit_scale=True, desc='tokenizing', mininterval=1)
     def flush():
         nonlocal cur, batch, nchars
         for (text, ends), ids in zip(batch, tok.encode_batch([t for t, _ in batch])):
@@ -225,12 +224,11 @@ def _tokenize_stream(pieces, tok, out_path:Path, total_bytes:int=None):
             if ends: lengths.append(cur); cur = 0
         bar.update(sum(len(t.encode('utf-8')) for t, _ in batch) if total_bytes else len(batch))
         batch, nchars = [], 0
-    with open(out_path, 'wb') as f:
+    with open(out_path, 'wb') as f, tqdm(total=total_bytes, unit='B', unit_scale=True, desc='tokenizing', mininterval=1) as bar:
         for piece in pieces:
             batch.append(piece); nchars += len(piece[0])
             if nchars >= _BATCH_CHARS: flush()
         flush()
-    bar.close()
     return np.array(lengths, dtype=np.int64)
 
 # %% ../nbs/00_data.ipynb #6cbc7b54
