@@ -6,7 +6,7 @@
 __all__ = ['GPTConfig', 'LayerNorm', 'MLP', 'Block', 'GPT', 'param_breakdown', 'measure_matmul_peak', 'sample_next',
            'load_safetensors', 'save_safetensors']
 
-# %% ../nbs/02_gpt.ipynb #78204387
+# %% ../nbs/02_gpt.ipynb #89a37d83
 import math, json, time, inspect, os, struct
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .config import MunchkinError
 from .attention import CausalSelfAttention, KVCache
 
-# %% ../nbs/02_gpt.ipynb #197c3839
+# %% ../nbs/02_gpt.ipynb #c33c115d
 @dataclass
 class GPTConfig:
     "Shape of a GPT: context length, vocabulary, depth, heads, width, dropout, biases."
@@ -34,7 +34,7 @@ class GPTConfig:
         if self.n_embd % self.n_head: raise MunchkinError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0: raise MunchkinError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
-# %% ../nbs/02_gpt.ipynb #9f775a20
+# %% ../nbs/02_gpt.ipynb #dc36ca19
 class LayerNorm(nn.Module):
     "LayerNorm with an optional bias."
     def __init__(self, ndim:int, bias:bool=True):
@@ -43,7 +43,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
     def forward(self, x): return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
-# %% ../nbs/02_gpt.ipynb #c3640122
+# %% ../nbs/02_gpt.ipynb #17937297
 class MLP(nn.Module):
     "Position-wise feed-forward: n_embd -> 4 n_embd -> GELU -> n_embd, with dropout."
     def __init__(self, config:GPTConfig):
@@ -54,7 +54,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
     def forward(self, x): return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
-# %% ../nbs/02_gpt.ipynb #2a4440ba
+# %% ../nbs/02_gpt.ipynb #288ff91e
 class Block(nn.Module):
     "Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."
     def __init__(self, config:GPTConfig):
@@ -67,7 +67,7 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
-# %% ../nbs/02_gpt.ipynb #8941d442
+# %% ../nbs/02_gpt.ipynb #944bd82d
 class GPT(nn.Module):
     "GPT-2: embeddings, `n_layer` pre-LN blocks, final LayerNorm, tied `lm_head`."
     def __init__(self, config:GPTConfig):
@@ -106,7 +106,7 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
-# %% ../nbs/02_gpt.ipynb #a2143d09
+# %% ../nbs/02_gpt.ipynb #b34541ae
 from fastcore.basics import patch
 
 @patch
@@ -115,7 +115,7 @@ def num_params(self:GPT, non_embedding:bool=True):
     n = sum(p.numel() for p in self.parameters())
     return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-# %% ../nbs/02_gpt.ipynb #5fe87033
+# %% ../nbs/02_gpt.ipynb #ecd98ff7
 def param_breakdown(model:GPT):
     "Parameters by component: token embedding, position embedding, attention, MLP, LayerNorms."
     groups = {}
@@ -125,7 +125,7 @@ def param_breakdown(model:GPT):
         groups[k] = groups.get(k, 0) + p.numel()
     return groups
 
-# %% ../nbs/02_gpt.ipynb #3272dbaa
+# %% ../nbs/02_gpt.ipynb #1908bdc5
 @patch
 def crop_block_size(self:GPT, block_size:int):
     "Shrink the maximum context to `block_size` (keeping the first position embeddings)."
@@ -134,7 +134,7 @@ def crop_block_size(self:GPT, block_size:int):
     self.config.block_size = block_size
     self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-# %% ../nbs/02_gpt.ipynb #be46e9b0
+# %% ../nbs/02_gpt.ipynb #4234ce25
 @patch
 def configure_optimizers(self:GPT, weight_decay:float, learning_rate:float, betas:tuple, device_type:str, verbose:bool=True):
     "AdamW with weight decay on 2-D tensors only; fused where available."
@@ -150,7 +150,7 @@ def configure_optimizers(self:GPT, weight_decay:float, learning_rate:float, beta
     if verbose: print(f"using fused AdamW: {fused}")
     return opt
 
-# %% ../nbs/02_gpt.ipynb #a5ed3266
+# %% ../nbs/02_gpt.ipynb #d61845da
 @patch
 def flops_per_token(self:GPT):
     "Training FLOPs per token (forward + backward): 6N + 12 L H Q T."
@@ -165,7 +165,7 @@ def estimate_mfu(self:GPT, fwdbwd_per_iter:int, # sequences per optimizer step (
     "Model FLOPs utilisation: achieved FLOP/s over `peak_flops`."
     return self.flops_per_token() * self.config.block_size * fwdbwd_per_iter / dt / peak_flops
 
-# %% ../nbs/02_gpt.ipynb #ac81dd12
+# %% ../nbs/02_gpt.ipynb #f963e133
 def measure_matmul_peak(device='cpu', dtype=torch.float32, n:int=None, reps:int=5):
     "Measured matmul FLOP/s of this device: best of `reps` (n x n) @ (n x n) products."
     device = torch.device(device)
@@ -180,7 +180,7 @@ def measure_matmul_peak(device='cpu', dtype=torch.float32, n:int=None, reps:int=
         t0 = time.perf_counter(); a @ b; sync(); best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
-# %% ../nbs/02_gpt.ipynb #e6f99d31
+# %% ../nbs/02_gpt.ipynb #09719a43
 def sample_next(logits, # (B, vocab) logits of the last position
                 temperature:float=1.0, top_k:int=None, top_p:float=None, generator=None):
     "Next token ids (B, 1): greedy at temperature 0, else top-k / nucleus sampling."
@@ -196,7 +196,7 @@ def sample_next(logits, # (B, vocab) logits of the last position
         logits = logits.masked_fill(remove.scatter(1, sorted_idx, remove), float('-inf'))
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
 
-# %% ../nbs/02_gpt.ipynb #5b96f1af
+# %% ../nbs/02_gpt.ipynb #b10d6b06
 @patch
 def new_caches(self:GPT, batch_size:int, device=None, dtype=None):
     "One preallocated `KVCache` per layer, `block_size` long."
@@ -240,7 +240,7 @@ def generate(self:GPT, idx, max_new_tokens:int, temperature:float=1.0, top_k:int
     new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, keep))
     return torch.cat([idx] + new, dim=1)
 
-# %% ../nbs/02_gpt.ipynb #b3f6bda2
+# %% ../nbs/02_gpt.ipynb #7f0bfa1f
 _ST_DTYPES = {'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16, 'F64': torch.float64,
               'I64': torch.int64, 'I32': torch.int32, 'U8': torch.uint8, 'BOOL': torch.bool}
 
@@ -275,7 +275,7 @@ def save_safetensors(tensors:dict, path):
         f.write(struct.pack('<Q', len(h))); f.write(h)
         for b in blobs: f.write(b)
 
-# %% ../nbs/02_gpt.ipynb #1dba6117
+# %% ../nbs/02_gpt.ipynb #88c44cfc
 _CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 _HUB_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
 
@@ -329,7 +329,7 @@ def from_pretrained(cls:GPT, name_or_path, # hub name (gpt2, gpt2-medium, gpt2-l
     model.load_weights(sd, source=path)
     return model
 
-# %% ../nbs/02_gpt.ipynb #9e33ec37
+# %% ../nbs/02_gpt.ipynb #420629e8
 @patch
 def load_weights(self:GPT, sd:dict, source=None):
     "Copy the tensors of `sd` into the model after checking names and shapes."
@@ -343,13 +343,14 @@ def load_weights(self:GPT, sd:dict, source=None):
                             f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
     for k, v in own.items():
         if tuple(sd[k].shape) != tuple(v.shape):
-            what = 'vocabulary' if k in ('transformer.wte.weight', 'lm_head.weight') else 'shape'
+            vocab = k in ('transformer.wte.weight', 'lm_head.weight') and sd[k].shape[:1] != v.shape[:1]
+            what = 'vocabulary' if vocab else 'shape'
             raise MunchkinError(f"{src}{what} mismatch for {k}: weights have {tuple(sd[k].shape)}, the model expects {tuple(v.shape)}")
     with torch.no_grad():
         for k, v in own.items(): v.copy_(sd[k])
     return self
 
-# %% ../nbs/02_gpt.ipynb #43ea21f8
+# %% ../nbs/02_gpt.ipynb #d3dcf5c4
 @patch
 def save_pretrained(self:GPT, path):
     "Write `config.json` and `model.safetensors` in Hugging Face GPT-2 layout."
