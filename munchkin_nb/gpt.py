@@ -6,7 +6,7 @@
 __all__ = ['GPTConfig', 'LayerNorm', 'MLP', 'Block', 'GPT', 'param_breakdown', 'measure_matmul_peak', 'sample_next',
            'load_safetensors', 'save_safetensors']
 
-# %% ../nbs/02_gpt.ipynb #89a37d83
+# %% ../nbs/02_gpt.ipynb #4479e066
 import math, json, time, inspect, os, struct
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .config import MunchkinError
 from .attention import CausalSelfAttention, KVCache
 
-# %% ../nbs/02_gpt.ipynb #c33c115d
+# %% ../nbs/02_gpt.ipynb #cae805bb
 @dataclass
 class GPTConfig:
     "Shape of a GPT: context length, vocabulary, depth, heads, width, dropout, biases."
@@ -34,7 +34,7 @@ class GPTConfig:
         if self.n_embd % self.n_head: raise MunchkinError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0: raise MunchkinError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
-# %% ../nbs/02_gpt.ipynb #dc36ca19
+# %% ../nbs/02_gpt.ipynb #bc7694ba
 class LayerNorm(nn.Module):
     "LayerNorm with an optional bias."
     def __init__(self, ndim:int, bias:bool=True):
@@ -43,7 +43,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
     def forward(self, x): return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
-# %% ../nbs/02_gpt.ipynb #17937297
+# %% ../nbs/02_gpt.ipynb #767ddd1f
 class MLP(nn.Module):
     "Position-wise feed-forward: n_embd -> 4 n_embd -> GELU -> n_embd, with dropout."
     def __init__(self, config:GPTConfig):
@@ -54,7 +54,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
     def forward(self, x): return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
-# %% ../nbs/02_gpt.ipynb #288ff91e
+# %% ../nbs/02_gpt.ipynb #1ec069c4
 class Block(nn.Module):
     "Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."
     def __init__(self, config:GPTConfig):
@@ -67,7 +67,7 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
-# %% ../nbs/02_gpt.ipynb #944bd82d
+# %% ../nbs/02_gpt.ipynb #a61e375d
 class GPT(nn.Module):
     "GPT-2: embeddings, `n_layer` pre-LN blocks, final LayerNorm, tied `lm_head`."
     def __init__(self, config:GPTConfig):
@@ -102,11 +102,11 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe.weight[pos:pos + T])
         for i, block in enumerate(self.transformer.h): x = block(x, None if caches is None else caches[i])
         x = self.transformer.ln_f(x)
-        if targets is None: return self.lm_head(x[:, [-1], :]), None
+        if targets is None: return self.lm_head(x[:, -1:, :]), None
         logits = self.lm_head(x)
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
-# %% ../nbs/02_gpt.ipynb #b34541ae
+# %% ../nbs/02_gpt.ipynb #8989469b
 from fastcore.basics import patch
 
 @patch
@@ -115,7 +115,7 @@ def num_params(self:GPT, non_embedding:bool=True):
     n = sum(p.numel() for p in self.parameters())
     return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-# %% ../nbs/02_gpt.ipynb #ecd98ff7
+# %% ../nbs/02_gpt.ipynb #9bf93243
 def param_breakdown(model:GPT):
     "Parameters by component: token embedding, position embedding, attention, MLP, LayerNorms."
     groups = {}
@@ -125,7 +125,7 @@ def param_breakdown(model:GPT):
         groups[k] = groups.get(k, 0) + p.numel()
     return groups
 
-# %% ../nbs/02_gpt.ipynb #1908bdc5
+# %% ../nbs/02_gpt.ipynb #9b68beeb
 @patch
 def crop_block_size(self:GPT, block_size:int):
     "Shrink the maximum context to `block_size` (keeping the first position embeddings)."
@@ -134,7 +134,7 @@ def crop_block_size(self:GPT, block_size:int):
     self.config.block_size = block_size
     self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-# %% ../nbs/02_gpt.ipynb #4234ce25
+# %% ../nbs/02_gpt.ipynb #79e612b2
 @patch
 def configure_optimizers(self:GPT, weight_decay:float, learning_rate:float, betas:tuple, device_type:str, verbose:bool=True):
     "AdamW with weight decay on 2-D tensors only; fused where available."
@@ -145,12 +145,14 @@ def configure_optimizers(self:GPT, weight_decay:float, learning_rate:float, beta
     if verbose:
         print(f"num decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
         print(f"num non-decayed parameter tensors: {len(nodecay)}, with {sum(p.numel() for p in nodecay):,} parameters")
-    fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type in ('cuda', 'cpu')
+    torch_version = tuple(int(v) for v in torch.__version__.split('+')[0].split('.')[:2])
+    fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and (
+        device_type == 'cuda' or (device_type == 'cpu' and torch_version >= (2, 4)))   # fused on CPU since 2.4
     opt = torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), **(dict(fused=True) if fused else {}))
     if verbose: print(f"using fused AdamW: {fused}")
     return opt
 
-# %% ../nbs/02_gpt.ipynb #d61845da
+# %% ../nbs/02_gpt.ipynb #901c1542
 @patch
 def flops_per_token(self:GPT):
     "Training FLOPs per token (forward + backward): 6N + 12 L H Q T."
@@ -165,7 +167,7 @@ def estimate_mfu(self:GPT, fwdbwd_per_iter:int, # sequences per optimizer step (
     "Model FLOPs utilisation: achieved FLOP/s over `peak_flops`."
     return self.flops_per_token() * self.config.block_size * fwdbwd_per_iter / dt / peak_flops
 
-# %% ../nbs/02_gpt.ipynb #f963e133
+# %% ../nbs/02_gpt.ipynb #be76a380
 def measure_matmul_peak(device='cpu', dtype=torch.float32, n:int=None, reps:int=5):
     "Measured matmul FLOP/s of this device: best of `reps` (n x n) @ (n x n) products."
     device = torch.device(device)
@@ -180,7 +182,7 @@ def measure_matmul_peak(device='cpu', dtype=torch.float32, n:int=None, reps:int=
         t0 = time.perf_counter(); a @ b; sync(); best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
-# %% ../nbs/02_gpt.ipynb #09719a43
+# %% ../nbs/02_gpt.ipynb #4e17c793
 def sample_next(logits, # (B, vocab) logits of the last position
                 temperature:float=1.0, top_k:int=None, top_p:float=None, generator=None):
     "Next token ids (B, 1): greedy at temperature 0, else top-k / nucleus sampling."
@@ -196,13 +198,35 @@ def sample_next(logits, # (B, vocab) logits of the last position
         logits = logits.masked_fill(remove.scatter(1, sorted_idx, remove), float('-inf'))
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
 
-# %% ../nbs/02_gpt.ipynb #b10d6b06
+# %% ../nbs/02_gpt.ipynb #d1b13d8c
 @patch
 def new_caches(self:GPT, batch_size:int, device=None, dtype=None):
     "One preallocated `KVCache` per layer, `block_size` long."
     cfg, w = self.config, self.lm_head.weight
     return [KVCache(batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head, device or w.device, dtype or w.dtype)
             for _ in range(cfg.n_layer)]
+
+@patch
+def decode_step(self:GPT, tok, # (B,) or (B, 1) newest token ids
+                caches:list, # the layers' `KVCache`s, holding positions 0..pos-1
+                pos:int): # position of `tok` in the window
+    "Logits (B, vocab) of the next token: the forward pass for one new token, with few small ops."
+    cfg = self.config
+    B, C, nh = tok.size(0), cfg.n_embd, cfg.n_head
+    if pos >= cfg.block_size: raise MunchkinError(f"position {pos} is outside block_size {cfg.block_size}; crop the context")
+    tr = self.transformer
+    x = tr.wte.weight[tok.view(B)] + tr.wpe.weight[pos]                  # (B, C)
+    for block, cache in zip(tr.h, caches):
+        a, m = block.attn, block.mlp
+        qkv = F.linear(F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias), a.c_attn.weight, a.c_attn.bias)
+        qkv = qkv.view(B, 3, nh, 1, C // nh)
+        cache.k[:, :, pos:pos + 1] = qkv[:, 1]; cache.v[:, :, pos:pos + 1] = qkv[:, 2]   # append to the cache in place
+        cache.pos = pos + 1
+        y = F.scaled_dot_product_attention(qkv[:, 0], cache.k[:, :, :pos + 1], cache.v[:, :, :pos + 1])  # one query sees all
+        x = x + F.linear(y.view(B, C), a.c_proj.weight, a.c_proj.bias)
+        h = F.linear(F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias), m.c_fc.weight, m.c_fc.bias)
+        x = x + F.linear(F.gelu(h, approximate='tanh'), m.c_proj.weight, m.c_proj.bias)
+    return self.lm_head(F.layer_norm(x, (C,), tr.ln_f.weight, tr.ln_f.bias))
 
 @patch
 @torch.inference_mode()
@@ -230,7 +254,7 @@ def generate_stream(self:GPT, idx, # (B, T) prompt token ids
                 for c in caches: c.reset()
                 logits, _ = self(idx[:, start:], caches=caches)
                 continue
-        if use_cache: logits, _ = self(nxt, caches=caches, pos=n - 1 - start)
+        if use_cache: logits = self.decode_step(nxt, caches, pos=n - 1 - start)[:, None]
         else: logits, _ = self(idx[:, start:])
 
 @patch
@@ -240,7 +264,7 @@ def generate(self:GPT, idx, max_new_tokens:int, temperature:float=1.0, top_k:int
     new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, keep))
     return torch.cat([idx] + new, dim=1)
 
-# %% ../nbs/02_gpt.ipynb #7f0bfa1f
+# %% ../nbs/02_gpt.ipynb #d0f8f191
 _ST_DTYPES = {'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16, 'F64': torch.float64,
               'I64': torch.int64, 'I32': torch.int32, 'U8': torch.uint8, 'BOOL': torch.bool}
 
@@ -275,7 +299,7 @@ def save_safetensors(tensors:dict, path):
         f.write(struct.pack('<Q', len(h))); f.write(h)
         for b in blobs: f.write(b)
 
-# %% ../nbs/02_gpt.ipynb #88c44cfc
+# %% ../nbs/02_gpt.ipynb #4f72d620
 _CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 _HUB_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
 
@@ -329,7 +353,7 @@ def from_pretrained(cls:GPT, name_or_path, # hub name (gpt2, gpt2-medium, gpt2-l
     model.load_weights(sd, source=path)
     return model
 
-# %% ../nbs/02_gpt.ipynb #420629e8
+# %% ../nbs/02_gpt.ipynb #c172fef4
 @patch
 def load_weights(self:GPT, sd:dict, source=None):
     "Copy the tensors of `sd` into the model after checking names and shapes."
@@ -350,7 +374,7 @@ def load_weights(self:GPT, sd:dict, source=None):
         for k, v in own.items(): v.copy_(sd[k])
     return self
 
-# %% ../nbs/02_gpt.ipynb #d3dcf5c4
+# %% ../nbs/02_gpt.ipynb #1c10e924
 @patch
 def save_pretrained(self:GPT, path):
     "Write `config.json` and `model.safetensors` in Hugging Face GPT-2 layout."
