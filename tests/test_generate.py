@@ -109,25 +109,29 @@ def test_empty_prompt_starts_from_newline_or_eot(gen, root, char_model):
     cp = gen('tiny-bpe', '--max-tokens', '20')
     assert cp.returncode == 0 and cp.stdout.count(RULE) == 1, cp.stderr
 
-def test_top_k_above_vocabulary_is_clamped(gen):
+def expected_sample(model, prompt, n, seed=1337, **kw):
+    "What the CLI prints for one sample: the prompt, the seeded sample, a newline and the rule"
+    s = Sampler.from_checkpoint(model, 'cpu')
+    return s.sample(prompt, n, generator=s.new_generator(seed), **kw) + '\n' + RULE + '\n'
+
+def test_top_k_above_vocabulary_is_clamped(gen, char_model):
     a = gen('tiny', '--top-k', '100000', '--max-tokens', '40')
-    b = gen('tiny', '--top-k', '65', '--max-tokens', '40')
     assert a.returncode == 0 and 'top-k 100000 is above the vocabulary; using 65' in a.stderr
-    assert sample_of(a.stdout) == sample_of(b.stdout)
+    assert sample_of(a.stdout) == expected_sample(char_model, '', 40, temperature=0.8, top_k=65)
 
 def test_long_prompt_keeps_its_last_block_size_tokens(gen, root, char_model):
     long = 'First Citizen:\nBefore we proceed any further, hear me speak.\n' * 3
     (root/'prompt.txt').write_text(long)
     a = gen('tiny', '--prompt-file', root/'prompt.txt', '--max-tokens', '30')
     assert a.returncode == 0 and f'the prompt is {len(long)} tokens, more than block_size=32' in a.stderr
-    b = gen('tiny', '--prompt', long[-32:], '--max-tokens', '30')
-    assert sample_of(a.stdout).split(long, 1)[1] == sample_of(b.stdout).split(long[-32:], 1)[1]
-    assert Sampler.from_checkpoint(char_model).context(long) == Sampler.from_checkpoint(char_model).tokenize(long[-32:])
+    tail = expected_sample(char_model, long[-32:], 30, temperature=0.8)
+    assert sample_of(a.stdout) == long[:-32] + tail
+    s = Sampler.from_checkpoint(char_model)
+    assert s.context(long) == s.tokenize(long[-32:])
 
 def test_bad_inputs_are_one_line_and_exit_2(gen, root):
     check_error(gen('tiny', '--prompt', 'Ça va? ¿'), "characters not in the vocabulary: '¿Ç'")
     check_error(gen('nothing-here'), 'no checkpoint', 'munchkin-nb-train CONFIG --name nothing-here')
-    check_error(gen('shakespeare-char-cpu'), 'munchkin-nb-train shakespeare-char-cpu')
     check_error(gen('tiny', '--max-tokens', 'lots'), "invalid int value: 'lots'")
 
 @pytest.mark.parametrize('args,msg', [
@@ -148,6 +152,17 @@ def test_bad_inputs_are_one_line_and_exit_2(gen, root):
 def test_bad_arguments(char_model, capsys, args, msg):
     "Same code path as the console script (run_cli), in-process for speed"
     with pytest.raises(SystemExit) as e: generate_cli(['tiny', *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: ') and msg in err[0], err
+
+@pytest.mark.parametrize('argv,msg', [
+    (['shakespeare-char-cpu'], 'train one first: munchkin-nb-train shakespeare-char-cpu'),
+    (['missing/checkpoint.pt'], 'no checkpoint for'),
+    ([], 'the following arguments are required: MODEL'),
+])
+def test_bad_model(root, capsys, argv, msg):
+    with pytest.raises(SystemExit) as e: generate_cli(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('error: ') and msg in err[0], err
