@@ -6,7 +6,7 @@
 __all__ = ['GPTConfig', 'LayerNorm', 'MLP', 'Block', 'GPT', 'param_breakdown', 'measure_matmul_peak', 'sample_next',
            'load_safetensors', 'save_safetensors']
 
-# %% ../nbs/02_gpt.ipynb #4479e066
+# %% ../nbs/02_gpt.ipynb #6088aa6b
 import math, json, time, inspect, os, struct
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .config import MunchkinError
 from .attention import CausalSelfAttention, KVCache
 
-# %% ../nbs/02_gpt.ipynb #cae805bb
+# %% ../nbs/02_gpt.ipynb #878e3c34
 @dataclass
 class GPTConfig:
     "Shape of a GPT: context length, vocabulary, depth, heads, width, dropout, biases."
@@ -27,14 +27,16 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True       # biases in Linear and LayerNorm, like GPT-2; False is a bit better and faster
+    activation: str = 'gelu' # 'gelu' (exact, nanoGPT's) or 'gelu_new' (GPT-2's tanh approximation)
     def __post_init__(self):
         for f in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0: raise MunchkinError(f"GPTConfig.{f} must be a positive integer, got {v!r}")
         if self.n_embd % self.n_head: raise MunchkinError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0: raise MunchkinError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.activation not in ('gelu', 'gelu_new'): raise MunchkinError(f"activation must be 'gelu' or 'gelu_new', got {self.activation!r}")
 
-# %% ../nbs/02_gpt.ipynb #bc7694ba
+# %% ../nbs/02_gpt.ipynb #0c23d6cb
 class LayerNorm(nn.Module):
     "LayerNorm with an optional bias."
     def __init__(self, ndim:int, bias:bool=True):
@@ -43,18 +45,18 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
     def forward(self, x): return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
-# %% ../nbs/02_gpt.ipynb #767ddd1f
+# %% ../nbs/02_gpt.ipynb #2692fc89
 class MLP(nn.Module):
     "Position-wise feed-forward: n_embd -> 4 n_embd -> GELU -> n_embd, with dropout."
     def __init__(self, config:GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate='tanh')
+        self.gelu = nn.GELU(approximate='tanh' if config.activation == 'gelu_new' else 'none')
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
     def forward(self, x): return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
-# %% ../nbs/02_gpt.ipynb #1ec069c4
+# %% ../nbs/02_gpt.ipynb #7e42a202
 class Block(nn.Module):
     "Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."
     def __init__(self, config:GPTConfig):
@@ -67,7 +69,7 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
-# %% ../nbs/02_gpt.ipynb #a61e375d
+# %% ../nbs/02_gpt.ipynb #e704d8db
 class GPT(nn.Module):
     "GPT-2: embeddings, `n_layer` pre-LN blocks, final LayerNorm, tied `lm_head`."
     def __init__(self, config:GPTConfig):
@@ -106,7 +108,7 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
-# %% ../nbs/02_gpt.ipynb #8989469b
+# %% ../nbs/02_gpt.ipynb #c3c4178b
 from fastcore.basics import patch
 
 @patch
@@ -115,7 +117,7 @@ def num_params(self:GPT, non_embedding:bool=True):
     n = sum(p.numel() for p in self.parameters())
     return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-# %% ../nbs/02_gpt.ipynb #9bf93243
+# %% ../nbs/02_gpt.ipynb #1e20441e
 def param_breakdown(model:GPT):
     "Parameters by component: token embedding, position embedding, attention, MLP, LayerNorms."
     groups = {}
@@ -125,7 +127,7 @@ def param_breakdown(model:GPT):
         groups[k] = groups.get(k, 0) + p.numel()
     return groups
 
-# %% ../nbs/02_gpt.ipynb #9b68beeb
+# %% ../nbs/02_gpt.ipynb #cccdc38f
 @patch
 def crop_block_size(self:GPT, block_size:int):
     "Shrink the maximum context to `block_size` (keeping the first position embeddings)."
@@ -134,7 +136,7 @@ def crop_block_size(self:GPT, block_size:int):
     self.config.block_size = block_size
     self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-# %% ../nbs/02_gpt.ipynb #79e612b2
+# %% ../nbs/02_gpt.ipynb #6201238b
 @patch
 def configure_optimizers(self:GPT, weight_decay:float, learning_rate:float, betas:tuple, device_type:str, verbose:bool=True):
     "AdamW with weight decay on 2-D tensors only; fused where available."
@@ -152,7 +154,7 @@ def configure_optimizers(self:GPT, weight_decay:float, learning_rate:float, beta
     if verbose: print(f"using fused AdamW: {fused}")
     return opt
 
-# %% ../nbs/02_gpt.ipynb #901c1542
+# %% ../nbs/02_gpt.ipynb #41fc3ea5
 @patch
 def flops_per_token(self:GPT):
     "Training FLOPs per token (forward + backward): 6N + 12 L H Q T."
@@ -167,7 +169,7 @@ def estimate_mfu(self:GPT, fwdbwd_per_iter:int, # sequences per optimizer step (
     "Model FLOPs utilisation: achieved FLOP/s over `peak_flops`."
     return self.flops_per_token() * self.config.block_size * fwdbwd_per_iter / dt / peak_flops
 
-# %% ../nbs/02_gpt.ipynb #be76a380
+# %% ../nbs/02_gpt.ipynb #c3adc3b4
 def measure_matmul_peak(device='cpu', dtype=torch.float32, n:int=None, reps:int=5):
     "Measured matmul FLOP/s of this device: best of `reps` (n x n) @ (n x n) products."
     device = torch.device(device)
@@ -182,7 +184,7 @@ def measure_matmul_peak(device='cpu', dtype=torch.float32, n:int=None, reps:int=
         t0 = time.perf_counter(); a @ b; sync(); best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
-# %% ../nbs/02_gpt.ipynb #4e17c793
+# %% ../nbs/02_gpt.ipynb #19c7f571
 def sample_next(logits, # (B, vocab) logits of the last position
                 temperature:float=1.0, top_k:int=None, top_p:float=None, generator=None):
     "Next token ids (B, 1): greedy at temperature 0, else top-k / nucleus sampling."
@@ -198,7 +200,7 @@ def sample_next(logits, # (B, vocab) logits of the last position
         logits = logits.masked_fill(remove.scatter(1, sorted_idx, remove), float('-inf'))
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
 
-# %% ../nbs/02_gpt.ipynb #d1b13d8c
+# %% ../nbs/02_gpt.ipynb #4b536901
 @patch
 def new_caches(self:GPT, batch_size:int, device=None, dtype=None):
     "One preallocated `KVCache` per layer, `block_size` long."
@@ -213,6 +215,7 @@ def decode_step(self:GPT, tok, # (B,) or (B, 1) newest token ids
     "Logits (B, vocab) of the next token: the forward pass for one new token, with few small ops."
     cfg = self.config
     B, C, nh = tok.size(0), cfg.n_embd, cfg.n_head
+    approx = 'tanh' if cfg.activation == 'gelu_new' else 'none'
     if pos >= cfg.block_size: raise MunchkinError(f"position {pos} is outside block_size {cfg.block_size}; crop the context")
     tr = self.transformer
     x = tr.wte.weight[tok.view(B)] + tr.wpe.weight[pos]                  # (B, C)
@@ -225,7 +228,7 @@ def decode_step(self:GPT, tok, # (B,) or (B, 1) newest token ids
         y = F.scaled_dot_product_attention(qkv[:, 0], cache.k[:, :, :pos + 1], cache.v[:, :, :pos + 1])  # one query sees all
         x = x + F.linear(y.view(B, C), a.c_proj.weight, a.c_proj.bias)
         h = F.linear(F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias), m.c_fc.weight, m.c_fc.bias)
-        x = x + F.linear(F.gelu(h, approximate='tanh'), m.c_proj.weight, m.c_proj.bias)
+        x = x + F.linear(F.gelu(h, approximate=approx), m.c_proj.weight, m.c_proj.bias)
     return self.lm_head(F.layer_norm(x, (C,), tr.ln_f.weight, tr.ln_f.bias))
 
 @patch
@@ -264,7 +267,7 @@ def generate(self:GPT, idx, max_new_tokens:int, temperature:float=1.0, top_k:int
     new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, keep))
     return torch.cat([idx] + new, dim=1)
 
-# %% ../nbs/02_gpt.ipynb #d0f8f191
+# %% ../nbs/02_gpt.ipynb #400d2169
 _ST_DTYPES = {'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16, 'F64': torch.float64,
               'I64': torch.int64, 'I32': torch.int32, 'U8': torch.uint8, 'BOOL': torch.bool}
 
@@ -299,7 +302,7 @@ def save_safetensors(tensors:dict, path):
         f.write(struct.pack('<Q', len(h))); f.write(h)
         for b in blobs: f.write(b)
 
-# %% ../nbs/02_gpt.ipynb #4f72d620
+# %% ../nbs/02_gpt.ipynb #0bfcaa61
 _CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 _HUB_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
 
@@ -342,10 +345,11 @@ def from_pretrained(cls:GPT, name_or_path, # hub name (gpt2, gpt2-medium, gpt2-l
     hf, sd = _read_hf_folder(path)
     if hf.get('model_type', 'gpt2') != 'gpt2': raise MunchkinError(f"{path}: model_type {hf.get('model_type')!r} is not gpt2")
     act = hf.get('activation_function', 'gelu_new')
-    if act not in ('gelu_new', 'gelu_pytorch_tanh', 'gelu_fast'): raise MunchkinError(f"{path}: activation_function {act!r} is not GPT-2's tanh GELU")
+    if act not in ('gelu', 'gelu_new', 'gelu_pytorch_tanh'): raise MunchkinError(f"{path}: activation_function {act!r} is not supported (gelu or gelu_new)")
     if hf.get('n_inner') not in (None, 4 * hf['n_embd']): raise MunchkinError(f"{path}: n_inner {hf['n_inner']} is not 4 * n_embd")
     config = GPTConfig(block_size=hf.get('n_positions', hf.get('n_ctx', 1024)), vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
-                       n_head=hf['n_head'], n_embd=hf['n_embd'], dropout=override_args.get('dropout', 0.0), bias=True)
+                       n_head=hf['n_head'], n_embd=hf['n_embd'], dropout=override_args.get('dropout', 0.0), bias=True,
+                       activation='gelu' if act == 'gelu' else 'gelu_new')
     model = cls(config)
     sd = {k.removeprefix('transformer.'): v for k, v in sd.items()}
     sd = {k: v for k, v in sd.items() if not k.endswith(('.attn.bias', '.attn.masked_bias')) and k != 'lm_head.weight'}
@@ -353,7 +357,7 @@ def from_pretrained(cls:GPT, name_or_path, # hub name (gpt2, gpt2-medium, gpt2-l
     model.load_weights(sd, source=path)
     return model
 
-# %% ../nbs/02_gpt.ipynb #c172fef4
+# %% ../nbs/02_gpt.ipynb #dde14c99
 @patch
 def load_weights(self:GPT, sd:dict, source=None):
     "Copy the tensors of `sd` into the model after checking names and shapes."
@@ -374,7 +378,7 @@ def load_weights(self:GPT, sd:dict, source=None):
         for k, v in own.items(): v.copy_(sd[k])
     return self
 
-# %% ../nbs/02_gpt.ipynb #1c10e924
+# %% ../nbs/02_gpt.ipynb #bbd495f9
 @patch
 def save_pretrained(self:GPT, path):
     "Write `config.json` and `model.safetensors` in Hugging Face GPT-2 layout."
@@ -382,7 +386,7 @@ def save_pretrained(self:GPT, path):
     path.mkdir(parents=True, exist_ok=True)
     hf = dict(architectures=['GPT2LMHeadModel'], model_type='gpt2', vocab_size=cfg.vocab_size, n_positions=cfg.block_size,
               n_ctx=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=None,
-              activation_function='gelu_new', resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+              activation_function=cfg.activation, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
               layer_norm_epsilon=1e-5, initializer_range=0.02, bos_token_id=50256, eos_token_id=50256,
               tie_word_embeddings=True, torch_dtype='float32')
     sd, out = self.state_dict(), {}

@@ -28,7 +28,8 @@ def test_init_loss_near_ln_vocab():
     assert abs(loss.item() - math.log(65)) < 0.1
 
 @pytest.mark.parametrize('kw,msg', [(dict(n_embd=30, n_head=4), 'divisible by n_head'), (dict(n_layer=0), 'n_layer must be a positive'),
-                                    (dict(vocab_size=-1), 'vocab_size must be a positive'), (dict(block_size=0), 'block_size')])
+                                    (dict(vocab_size=-1), 'vocab_size must be a positive'), (dict(block_size=0), 'block_size'),
+                                    (dict(activation='relu'), "activation must be 'gelu' or 'gelu_new'")])
 def test_bad_config(kw, msg):
     with pytest.raises(MunchkinError, match=msg): GPTConfig(**kw)
 
@@ -101,8 +102,8 @@ def test_from_pretrained_hf(tmp_path, transformers, fmt):
     assert (a - b).abs().max().item() < 1e-5
 
 def test_save_pretrained_loads_in_transformers(tmp_path, transformers):
-    for bias in (True, False):
-        m = tiny(bias=bias)
+    for bias, act in ((True, 'gelu_new'), (False, 'gelu')):
+        m = tiny(bias=bias, activation=act)
         with torch.no_grad():
             for n, p in m.named_parameters():
                 if p.dim() == 1: p.add_(torch.randn_like(p) * 0.1)
@@ -122,7 +123,7 @@ def test_from_pretrained_bad_folders(tmp_path):
     (tmp_path/'config.json').write_text(json.dumps({**cfg, 'n_embd': 64, 'n_head': 2}))
     with pytest.raises(MunchkinError, match='shape mismatch for'): GPT.from_pretrained(tmp_path)
     (tmp_path/'config.json').write_text(json.dumps({**cfg, 'activation_function': 'relu'}))
-    with pytest.raises(MunchkinError, match="activation_function 'relu'"): GPT.from_pretrained(tmp_path)
+    with pytest.raises(MunchkinError, match="activation_function 'relu' is not supported"): GPT.from_pretrained(tmp_path)
     (tmp_path/'model.safetensors').write_bytes(b'garbage')
     (tmp_path/'config.json').write_text(json.dumps(cfg))
     with pytest.raises(MunchkinError, match='not a valid safetensors'): GPT.from_pretrained(tmp_path)
