@@ -42,7 +42,8 @@ def gen(run_cli, char_model):
 
 def sample_of(stdout:str) -> str:
     "The samples part of the output (after the two setup sections)"
-    return stdout.split('\nbias', 1)[1].split('\n', 2)[2]
+    section = stdout.split('\nModel configuration:\n', 1)[1]
+    return section[section.index('\n\n') + 2:]
 
 def check_error(cp, *fragments):
     "Exit code 2, one `error:` line on stderr naming the problem, no traceback"
