@@ -249,13 +249,14 @@ class SamplerWidget:
                  top_p:float=1.0, seed:int=1337, refresh:float=0.1):
         import ipywidgets as W
         self.sampler, self.refresh = sampler, refresh
+        st = dict(style={'description_width': '100px'})
         self.prompt = W.Textarea(value=prompt, placeholder='prompt (empty: the start of a text)', description='prompt',
-                                 layout=W.Layout(width='100%', height='4em'))
-        self.temperature = W.FloatSlider(value=temperature, min=0, max=2, step=0.05, description='temperature')
-        self.top_k = W.IntSlider(value=top_k, min=0, max=min(sampler.vocab_size, 200), description='top-k (0: off)')
-        self.top_p = W.FloatSlider(value=top_p, min=0.05, max=1, step=0.05, description='top-p')
-        self.max_tokens = W.IntSlider(value=max_tokens, min=1, max=max(2000, max_tokens), description='max tokens')
-        self.seed = W.IntText(value=seed, description='seed')
+                                 layout=W.Layout(width='100%', height='4em'), **st)
+        self.temperature = W.FloatSlider(value=temperature, min=0, max=2, step=0.05, description='temperature', **st)
+        self.top_k = W.IntSlider(value=top_k, min=0, max=min(sampler.vocab_size, 200), description='top-k (0: off)', **st)
+        self.top_p = W.FloatSlider(value=top_p, min=0.05, max=1, step=0.05, description='top-p', **st)
+        self.max_tokens = W.IntSlider(value=max_tokens, min=1, max=max(2000, max_tokens), description='max tokens', **st)
+        self.seed = W.IntText(value=seed, description='seed', **st)
         self.generate_btn = W.Button(description='Generate', button_style='primary', icon='play')
         self.stop_btn = W.Button(description='Stop', button_style='danger', icon='stop', disabled=True)
         self.output = W.HTML(layout=W.Layout(width='100%'))
