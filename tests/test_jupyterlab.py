@@ -1,0 +1,159 @@
+"""The notebooks in a real JupyterLab: headless Chromium, driven by Playwright, opens each one, runs
+all cells and checks what a reader would see: no errors, a live loss plot that moves, a sampler
+that streams. Skips where Chromium is absent, except under CI, where that is a failure."""
+import json, os, re, shutil, socket, subprocess, sys, time, urllib.request
+from pathlib import Path
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
+FLAGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
+         '--disable-sync', '--no-first-run', '--disable-quic']
+NOTEBOOKS = sorted(p.stem for p in (REPO/'nbs').glob('*.ipynb'))
+SKIP_FLAGS = ('notest', 'slow')  # the cells nbdev_test skips; a reader may run them, a test does not wait for them
+
+def _need_browser():
+    "Skip without Chromium or Playwright, unless running under CI, where a missing browser fails"
+    why = None
+    if not CHROMIUM: why = 'Chromium is not installed (Debian package chromium)'
+    try: import playwright.sync_api  # noqa: F401
+    except ImportError: why = 'the playwright Python package is not installed'
+    if why and os.environ.get('CI', '').lower() in ('1', 'true'): pytest.fail(f'{why}: CI must run the browser test')
+    if why: pytest.skip(why)
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+def _copy_without_skipped_cells(src:Path, dst:Path):
+    "Copy a notebook, dropping the cells nbdev_test would skip (real training runs for minutes)"
+    nb = json.loads(src.read_text())
+    flag = re.compile(r'^\s*#\s*\|\s*(' + '|'.join(SKIP_FLAGS) + r')\b', re.M)
+    nb['cells'] = [c for c in nb['cells'] if not (c['cell_type'] == 'code' and flag.search(''.join(c['source'])))]
+    dst.write_text(json.dumps(nb, indent=1))
+
+@pytest.fixture(scope='module')
+def lab(tmp_path_factory, shakespeare_path):
+    "A JupyterLab server on 127.0.0.1 serving copies of the notebooks, with an offline data root"
+    _need_browser()
+    base = tmp_path_factory.mktemp('lab')
+    work, root, settings = base/'nbs', base/'root', base/'settings'
+    work.mkdir()
+    for name in NOTEBOOKS: _copy_without_skipped_cells(REPO/'nbs'/f'{name}.ipynb', work/f'{name}.ipynb')
+    for ds in ('shakespeare_char', 'shakespeare'):
+        (root/'etc'/'dataset'/ds).mkdir(parents=True)
+        shutil.copy(shakespeare_path, root/'etc'/'dataset'/ds/'input.txt')
+    # no calls home for news or updates
+    for ext, plugin, val in (('apputils-extension', 'notification', {'fetchNews': 'false', 'checkForUpdates': False}),):
+        (settings/'@jupyterlab'/ext).mkdir(parents=True, exist_ok=True)
+        (settings/'@jupyterlab'/ext/f'{plugin}.jupyterlab-settings').write_text(json.dumps(val))
+    port = _free_port()
+    env = {**os.environ, 'MUNCHKIN_ROOT': str(root), 'JUPYTERLAB_SETTINGS_DIR': str(settings)}
+    env.pop('MPLBACKEND', None)
+    log = open(base/'jupyterlab.log', 'w')
+    proc = subprocess.Popen([sys.executable, '-m', 'jupyterlab', '--no-browser', '--allow-root', '--ip=127.0.0.1',
+                             f'--port={port}', '--IdentityProvider.token=', '--ServerApp.password=',
+                             f'--ServerApp.root_dir={work}', '--LabApp.news_url=None'],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work)
+    url = f'http://127.0.0.1:{port}'
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f'{url}/api/status', timeout=2); break
+            except OSError:
+                if proc.poll() is not None: pytest.fail(f'jupyter lab exited: {(base/"jupyterlab.log").read_text()[-2000:]}')
+                time.sleep(0.5)
+        else: pytest.fail('jupyter lab did not start in 60 s')
+        yield url, work
+    finally:
+        proc.terminate()
+        try: proc.wait(10)
+        except subprocess.TimeoutExpired: proc.kill()
+        log.close()
+
+@pytest.fixture(scope='module')
+def shots(tmp_path_factory):
+    "Folder for screenshots a person can look at"
+    d = Path(os.environ.get('MUNCHKIN_SCREENSHOTS') or tmp_path_factory.mktemp('screenshots'))
+    d.mkdir(parents=True, exist_ok=True)
+    print(f'\nJupyterLab screenshots: {d}')
+    return d
+
+@pytest.fixture(scope='module')
+def browser(lab):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield b
+        b.close()
+
+def _open(browser, url, name):
+    "Open notebook `name` in JupyterLab and wait for its kernel to be idle"
+    page = browser.new_page(viewport={'width': 1400, 'height': 1000})
+    page.goto(f'{url}/lab/tree/{name}.ipynb?reset')  # a fresh workspace: this notebook alone
+    page.wait_for_selector('.jp-Notebook .jp-Cell', timeout=60_000)
+    page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]', timeout=120_000)
+    time.sleep(1)
+    dialog = page.locator('.jp-Dialog', has_text='Select Kernel')
+    if dialog.count(): dialog.get_by_role('button', name='Select').click()  # as a reader would: the default kernel
+    return page
+
+def _prompts(page):
+    return page.locator('.jp-Notebook .jp-CodeCell .jp-InputPrompt').all_text_contents()
+
+def _run_all(page):
+    "Run all cells through the Run menu, as a reader would"
+    page.locator('.lm-MenuBar-itemLabel', has_text=re.compile('^Run$')).click()
+    page.locator('.lm-Menu-itemLabel', has_text=re.compile('^Run All Cells$')).click()
+
+def _wait_done(page, timeout=240, during=None):
+    "Wait until every code cell has run and the kernel is idle; call `during()` while waiting"
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if during: during()
+        ps = _prompts(page)
+        idle = page.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]').count() > 0
+        if idle and ps and all(re.search(r'\[\d+\]', p) for p in ps): return
+        time.sleep(0.25)
+    pytest.fail(f'cells still running after {timeout} s: {[p for p in _prompts(page) if not re.search(chr(92)+"d", p)][:5]}')
+
+def _saved_errors(page, path:Path) -> list:
+    "Save the notebook from the front end and return its error outputs and unexecuted cells"
+    before = path.stat().st_mtime_ns
+    page.locator('.jp-Notebook:visible').first.click(position={'x': 5, 'y': 5})
+    page.keyboard.press('Control+s')
+    for _ in range(80):
+        if path.stat().st_mtime_ns != before: break
+        time.sleep(0.25)
+    time.sleep(0.5)
+    nb = json.loads(path.read_text())
+    code = [c for c in nb['cells'] if c['cell_type'] == 'code']
+    errors = [f"{o.get('ename')}: {o.get('evalue')}" for c in code for o in c.get('outputs', []) if o['output_type'] == 'error']
+    unrun = [''.join(c['source'])[:60] for c in code if c.get('execution_count') is None]
+    return errors + [f'not executed: {s!r}' for s in unrun]
+
+def _dom_errors(page) -> list:
+    "Tracebacks shown in the page"
+    return [t[:300] for t in page.locator('.jp-OutputArea-output').all_text_contents() if 'Traceback (most recent call last)' in t]
+
+def _check_plots(page, shots, name):
+    "Every image output has loaded; save each as a screenshot; a notebook that plots shows at least one"
+    imgs = page.locator('.jp-OutputArea-output img')
+    for i in range(imgs.count()):
+        img = imgs.nth(i)
+        img.scroll_into_view_if_needed()
+        assert img.evaluate('e => e.complete && e.naturalWidth > 0'), f'{name}: image {i} did not render'
+        img.screenshot(path=str(shots/f'{name}-plot{i}.png'))
+    if 'plt.' in (REPO/'nbs'/f'{name}.ipynb').read_text(): assert imgs.count() > 0, f'{name} plots, but no image rendered'
+
+@pytest.mark.parametrize('name', [n for n in NOTEBOOKS if n not in ('03_train', '04_generate')])
+def test_notebook_runs_clean(browser, lab, shots, name):
+    url, work = lab
+    page = _open(browser, url, name)
+    _run_all(page)
+    _wait_done(page)
+    page.screenshot(path=str(shots/f'{name}.png'))
+    assert _dom_errors(page) == []
+    assert _saved_errors(page, work/f'{name}.ipynb') == []
+    _check_plots(page, shots, name)
+    page.close()
