@@ -6,7 +6,7 @@
 __all__ = ['GPTConfig', 'LayerNorm', 'MLP', 'Block', 'GPT', 'param_breakdown', 'measure_matmul_peak', 'sample_next',
            'load_safetensors', 'save_safetensors']
 
-# %% ../nbs/02_gpt.ipynb #6088aa6b
+# %% ../nbs/02_gpt.ipynb #0d6abf46
 import math, json, time, inspect, os, struct
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .config import MunchkinError
-from .attention import CausalSelfAttention, KVCache
+from .attention import CausalSelfAttention, KVCache, Dropout
 
-# %% ../nbs/02_gpt.ipynb #878e3c34
+# %% ../nbs/02_gpt.ipynb #a6d192be
 @dataclass
 class GPTConfig:
     "Shape of a GPT: context length, vocabulary, depth, heads, width, dropout, biases."
@@ -36,7 +36,7 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0: raise MunchkinError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.activation not in ('gelu', 'gelu_new'): raise MunchkinError(f"activation must be 'gelu' or 'gelu_new', got {self.activation!r}")
 
-# %% ../nbs/02_gpt.ipynb #0c23d6cb
+# %% ../nbs/02_gpt.ipynb #196f4cf2
 class LayerNorm(nn.Module):
     "LayerNorm with an optional bias."
     def __init__(self, ndim:int, bias:bool=True):
@@ -45,7 +45,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
     def forward(self, x): return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
-# %% ../nbs/02_gpt.ipynb #2692fc89
+# %% ../nbs/02_gpt.ipynb #7c9666fc
 class MLP(nn.Module):
     "Position-wise feed-forward: n_embd -> 4 n_embd -> GELU -> n_embd, with dropout."
     def __init__(self, config:GPTConfig):
@@ -53,10 +53,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate='tanh' if config.activation == 'gelu_new' else 'none')
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
     def forward(self, x): return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
-# %% ../nbs/02_gpt.ipynb #7e42a202
+# %% ../nbs/02_gpt.ipynb #1ea72aef
 class Block(nn.Module):
     "Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."
     def __init__(self, config:GPTConfig):
@@ -69,7 +69,7 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
-# %% ../nbs/02_gpt.ipynb #e704d8db
+# %% ../nbs/02_gpt.ipynb #dcd70928
 class GPT(nn.Module):
     "GPT-2: embeddings, `n_layer` pre-LN blocks, final LayerNorm, tied `lm_head`."
     def __init__(self, config:GPTConfig):
@@ -78,7 +78,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte = nn.Embedding(config.vocab_size, config.n_embd),
             wpe = nn.Embedding(config.block_size, config.n_embd),
-            drop = nn.Dropout(config.dropout),
+            drop = Dropout(config.dropout),
             h = nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f = LayerNorm(config.n_embd, bias=config.bias)))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -108,7 +108,7 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
-# %% ../nbs/02_gpt.ipynb #c3c4178b
+# %% ../nbs/02_gpt.ipynb #e3af0541
 from fastcore.basics import patch
 
 @patch
@@ -117,7 +117,7 @@ def num_params(self:GPT, non_embedding:bool=True):
     n = sum(p.numel() for p in self.parameters())
     return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-# %% ../nbs/02_gpt.ipynb #1e20441e
+# %% ../nbs/02_gpt.ipynb #ccfcdc82
 def param_breakdown(model:GPT):
     "Parameters by component: token embedding, position embedding, attention, MLP, LayerNorms."
     groups = {}
@@ -127,7 +127,7 @@ def param_breakdown(model:GPT):
         groups[k] = groups.get(k, 0) + p.numel()
     return groups
 
-# %% ../nbs/02_gpt.ipynb #cccdc38f
+# %% ../nbs/02_gpt.ipynb #fd5821d0
 @patch
 def crop_block_size(self:GPT, block_size:int):
     "Shrink the maximum context to `block_size` (keeping the first position embeddings)."
@@ -136,7 +136,7 @@ def crop_block_size(self:GPT, block_size:int):
     self.config.block_size = block_size
     self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-# %% ../nbs/02_gpt.ipynb #6201238b
+# %% ../nbs/02_gpt.ipynb #b9b82005
 @patch
 def configure_optimizers(self:GPT, weight_decay:float, learning_rate:float, betas:tuple, device_type:str, verbose:bool=True):
     "AdamW with weight decay on 2-D tensors only; fused where available."
@@ -154,7 +154,7 @@ def configure_optimizers(self:GPT, weight_decay:float, learning_rate:float, beta
     if verbose: print(f"using fused AdamW: {fused}")
     return opt
 
-# %% ../nbs/02_gpt.ipynb #41fc3ea5
+# %% ../nbs/02_gpt.ipynb #870b355a
 @patch
 def flops_per_token(self:GPT):
     "Training FLOPs per token (forward + backward): 6N + 12 L H Q T."
@@ -169,7 +169,7 @@ def estimate_mfu(self:GPT, fwdbwd_per_iter:int, # sequences per optimizer step (
     "Model FLOPs utilisation: achieved FLOP/s over `peak_flops`."
     return self.flops_per_token() * self.config.block_size * fwdbwd_per_iter / dt / peak_flops
 
-# %% ../nbs/02_gpt.ipynb #c3adc3b4
+# %% ../nbs/02_gpt.ipynb #d19abfe9
 def measure_matmul_peak(device='cpu', dtype=torch.float32, n:int=None, reps:int=5):
     "Measured matmul FLOP/s of this device: best of `reps` (n x n) @ (n x n) products."
     device = torch.device(device)
@@ -184,7 +184,7 @@ def measure_matmul_peak(device='cpu', dtype=torch.float32, n:int=None, reps:int=
         t0 = time.perf_counter(); a @ b; sync(); best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
-# %% ../nbs/02_gpt.ipynb #19c7f571
+# %% ../nbs/02_gpt.ipynb #d9e59140
 def sample_next(logits, # (B, vocab) logits of the last position
                 temperature:float=1.0, top_k:int=None, top_p:float=None, generator=None):
     "Next token ids (B, 1): greedy at temperature 0, else top-k / nucleus sampling."
@@ -200,7 +200,7 @@ def sample_next(logits, # (B, vocab) logits of the last position
         logits = logits.masked_fill(remove.scatter(1, sorted_idx, remove), float('-inf'))
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
 
-# %% ../nbs/02_gpt.ipynb #4b536901
+# %% ../nbs/02_gpt.ipynb #7b4eecf7
 @patch
 def new_caches(self:GPT, batch_size:int, device=None, dtype=None):
     "One preallocated `KVCache` per layer, `block_size` long."
@@ -267,7 +267,7 @@ def generate(self:GPT, idx, max_new_tokens:int, temperature:float=1.0, top_k:int
     new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, keep))
     return torch.cat([idx] + new, dim=1)
 
-# %% ../nbs/02_gpt.ipynb #400d2169
+# %% ../nbs/02_gpt.ipynb #50ef1210
 _ST_DTYPES = {'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16, 'F64': torch.float64,
               'I64': torch.int64, 'I32': torch.int32, 'U8': torch.uint8, 'BOOL': torch.bool}
 
@@ -302,7 +302,7 @@ def save_safetensors(tensors:dict, path):
         f.write(struct.pack('<Q', len(h))); f.write(h)
         for b in blobs: f.write(b)
 
-# %% ../nbs/02_gpt.ipynb #0bfcaa61
+# %% ../nbs/02_gpt.ipynb #c3fa1b39
 _CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 _HUB_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
 
@@ -357,7 +357,7 @@ def from_pretrained(cls:GPT, name_or_path, # hub name (gpt2, gpt2-medium, gpt2-l
     model.load_weights(sd, source=path)
     return model
 
-# %% ../nbs/02_gpt.ipynb #dde14c99
+# %% ../nbs/02_gpt.ipynb #28697926
 @patch
 def load_weights(self:GPT, sd:dict, source=None):
     "Copy the tensors of `sd` into the model after checking names and shapes."
@@ -378,7 +378,7 @@ def load_weights(self:GPT, sd:dict, source=None):
         for k, v in own.items(): v.copy_(sd[k])
     return self
 
-# %% ../nbs/02_gpt.ipynb #bbd495f9
+# %% ../nbs/02_gpt.ipynb #b2a32cbf
 @patch
 def save_pretrained(self:GPT, path):
     "Write `config.json` and `model.safetensors` in Hugging Face GPT-2 layout."
