@@ -202,3 +202,15 @@ def test_widget_generate_and_stop(char_model):
     w.temperature.value = 0
     w.generate_btn.click(); w.wait(timeout=60)
     assert w.text == s.sample('ROMEO:', 2000, temperature=0)
+
+def test_samples_from_a_checkpoint_made_by_train(root, capsys):
+    "munchkin_nb.train's own checkpoint (a few steps) loads, with its tokenizer, and samples"
+    from munchkin_nb.config import load_settings
+    from munchkin_nb.train import train
+    s = load_settings('shakespeare-char-cpu', dict(name='from-train', n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=4,
+                      max_iters=4, eval_interval=4, eval_iters=1, log_interval=2, warmup_iters=1, lr_decay_iters=4, device='cpu'))
+    train(s, callbacks=[], quiet=True)
+    generate_cli(['from-train', '--prompt', 'ROMEO:', '--max-tokens', '20'])
+    out = capsys.readouterr().out
+    assert 'Trained iterations            : 4' in out and out.count(RULE) == 1
+    assert len(sample_of(out).split('\n' + RULE)[0]) == len('ROMEO:') + 20
