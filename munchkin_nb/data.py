@@ -264,8 +264,8 @@ def _prepare_corpus(dataset:str, source, val_size:float) -> dict:
         for p in files: h.update(p.name.encode()); sha256_file(p, h)
         pieces = (piece for p in files for piece in _pieces(p))
         total, digest, src = sum(p.stat().st_size for p in files), h.hexdigest(), str(source)
-    tmp = ddir/f'.tokens.{os.getpid()}.tmp'
     ddir.mkdir(parents=True, exist_ok=True)
+    tmp = ddir/f'.tokens.{os.getpid()}.tmp'
     try:
         lengths = _tokenize_stream(pieces, tok, tmp, total)
         counts = _shuffle_split(tmp, lengths, val_size, ddir)
@@ -275,6 +275,13 @@ def _prepare_corpus(dataset:str, source, val_size:float) -> dict:
                                   documents=len(lengths), source=src, source_sha256=digest, val_size=val_size, shuffle_seed=_SEED))
 
 # %% ../nbs/00_data.ipynb #02ba7c2b
+def _remove_stale(ddir:Path):
+    "Delete temporary files left in `ddir` by a prepare that was killed (its process is gone)"
+    for p in ddir.glob('.*.tmp'):
+        try: os.kill(int(p.name.split('.')[-2]), 0)
+        except (ValueError, ProcessLookupError): p.unlink(missing_ok=True)
+        except PermissionError: pass
+
 def is_prepared(dataset:str) -> bool:
     "Whether the dataset's bins and metadata exist and agree"
     try: load_meta(dataset); return True
@@ -288,6 +295,7 @@ def prepare(dataset:str, source=None, force:bool=False, val_size:float=None) -> 
     if is_prepared(dataset) and not force:
         print(f"{dataset} is already prepared in {data_dir(dataset)} (use --force to prepare it again)")
         return load_meta(dataset)
+    _remove_stale(data_dir(dataset))
     if dataset == 'openwebtext': meta = _prepare_corpus(dataset, source, val_size)
     else: meta = _prepare_small(dataset, fetch_text(dataset, source), val_size)
     print(f"{dataset}: vocab {meta['vocab_size']:,}, {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens in {data_dir(dataset)}")
