@@ -388,4 +388,7 @@ def generate_main(argv:list=None, file=None):
 
 def generate_cli(argv:list=None):
     "Sample text from a trained model: `munchkin-nb-generate MODEL [--prompt ...] ...`"
-    run_cli(generate_main, argv)
+    try: run_cli(generate_main, argv)
+    except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as the Python docs advise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

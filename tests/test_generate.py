@@ -87,6 +87,15 @@ def test_cli_streams_tokens_as_they_are_made(run_cli, root):
     finally:
         p.kill(); p.wait()
 
+def test_cli_stops_quietly_when_the_reader_goes_away(run_cli, root, char_model):
+    "`munchkin-nb-generate ... | head`: no BrokenPipeError traceback"
+    env = {**os.environ, 'MUNCHKIN_ROOT': str(root), **ONE_THREAD}
+    p = subprocess.Popen([str(BIN/'munchkin-nb-generate'), 'tiny', '--max-tokens', '20000'],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p.stdout.read(200); p.stdout.close()
+    err = p.stderr.read().decode(); p.wait(60)
+    assert p.returncode == 1 and 'Traceback' not in err and 'BrokenPipe' not in err, err
+
 def test_print_stream_writes_each_token_in_order(char_model):
     s = Sampler.from_checkpoint(char_model, 'cpu')
     writes = []
