@@ -138,3 +138,19 @@ def test_torchrun_ddp(root):
     ck = load_checkpoint(checkpoint_path('ddp'))
     assert ck['iter_num'] == 10
     assert sorted(p.name for p in (root/'models'/'ddp').iterdir()) == ['checkpoint.pt', 'loss.png', 'metrics.jsonl']
+
+def test_init_from_pretrained_folder(root):
+    "init_from a local GPT-2 (Hugging Face) folder: BPE dataset, block size cropped, the config's dropout"
+    from munchkin_nb.gpt import GPT, GPTConfig
+    src = Path(__file__).resolve().parent.parent/'etc'/'dataset'/'shakespeare'
+    if not (src/'meta.json').exists(): pytest.skip('the BPE shakespeare dataset is not prepared in the repository')
+    shutil.copytree(src, root/'etc'/'dataset'/'shakespeare', ignore=shutil.ignore_patterns('input.txt'))
+    folder = root/'hf-tiny'
+    GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=32, bias=True, activation='gelu_new')).save_pretrained(folder)
+    tr = train(load_settings('shakespeare', tiny(name='ft', init_from=str(folder), block_size=16, max_iters=2, eval_interval=2,
+                                                 always_save_checkpoint=True, batch_size=2)), callbacks=[], quiet=True)
+    ck = load_checkpoint(checkpoint_path('ft'))
+    assert ck['model_args']['block_size'] == 16 and ck['model_args']['dropout'] == 0.1 and ck['model_args']['vocab_size'] == 50257
+    assert ck['model']['transformer.wpe.weight'].shape == (16, 32) and tr.iter_num == 2
+    with pytest.raises(MunchkinError, match='needs a GPT-2 BPE dataset'):
+        train(load_settings(CONFIG, tiny(name='ft2', init_from=str(folder))), callbacks=[], quiet=True)
