@@ -16,7 +16,7 @@ import torch
 from fastcore.script import call_parse
 from tqdm.auto import tqdm
 import tempfile
-from .config import MunchkinError, run_cli, data_dir, atomic_write
+from .config import MunchkinError, run_cli, data_dir, atomic_write, remove_stale_tmp
 
 # %% ../nbs/00_data.ipynb #460ca337
 class CharTokenizer:
@@ -275,13 +275,6 @@ def _prepare_corpus(dataset:str, source, val_size:float) -> dict:
                                   documents=len(lengths), source=src, source_sha256=digest, val_size=val_size, shuffle_seed=_SEED))
 
 # %% ../nbs/00_data.ipynb #02ba7c2b
-def _remove_stale(ddir:Path):
-    "Delete temporary files left in `ddir` by a prepare that was killed (its process is gone)"
-    for p in ddir.glob('.*.tmp'):
-        try: os.kill(int(p.name.split('.')[-2]), 0)
-        except (ValueError, ProcessLookupError): p.unlink(missing_ok=True)
-        except PermissionError: pass
-
 def is_prepared(dataset:str) -> bool:
     "Whether the dataset's bins and metadata exist and agree"
     try: load_meta(dataset); return True
@@ -295,7 +288,7 @@ def prepare(dataset:str, source=None, force:bool=False, val_size:float=None) -> 
     if is_prepared(dataset) and not force:
         print(f"{dataset} is already prepared in {data_dir(dataset)} (use --force to prepare it again)")
         return load_meta(dataset)
-    _remove_stale(data_dir(dataset))
+    remove_stale_tmp(data_dir(dataset))  # left by a prepare that was killed
     if dataset == 'openwebtext': meta = _prepare_corpus(dataset, source, val_size)
     else: meta = _prepare_small(dataset, fetch_text(dataset, source), val_size)
     print(f"{dataset}: vocab {meta['vocab_size']:,}, {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens in {data_dir(dataset)}")
