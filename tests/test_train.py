@@ -39,6 +39,17 @@ def test_exact_resume(root):
     assert sorted(straight) == list(range(20)) and split == straight
     a, b = load_checkpoint(checkpoint_path('straight')), load_checkpoint(checkpoint_path('split'))
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    # a stop between evals (what Ctrl-C does) also resumes exactly
+    tr = train(load_settings(CONFIG, tiny(name='stop')), callbacks=[Stop(at=6)], quiet=True)
+    assert tr.interrupted and load_checkpoint(checkpoint_path('stop'))['iter_num'] == 7
+    run(name='stop', init_from='resume')
+    assert losses(read_metrics(root/'models'/'stop'/'metrics.jsonl')) == straight
+
+class Stop(Callback):
+    "Ask the trainer to stop (as Ctrl-C does) after iteration `at`"
+    def __init__(self, at): self.at = at
+    def on_log(self, tr, rec):
+        if rec['iter'] == self.at: tr.stop_requested = True
 
 class Poison(Callback):
     "Turn the weights into NaN at iteration `at`, after recording the checkpoint's bytes"
