@@ -6,7 +6,7 @@
 __all__ = ['BENCH_SHAPES', 'device_name', 'bench_shape', 'bench_train', 'nanogpt_sample', 'bench_sample', 'run_bench',
            'format_bench', 'bench_cli']
 
-# %% ../nbs/02b_bench.ipynb #65575102
+# %% ../nbs/02b_bench.ipynb #46549977
 import json, time, platform, subprocess
 from dataclasses import asdict
 import torch
@@ -15,7 +15,7 @@ from fastcore.script import call_parse
 from .config import MunchkinError, run_cli
 from .gpt import GPT, GPTConfig, measure_matmul_peak
 
-# %% ../nbs/02b_bench.ipynb #ae51b08c
+# %% ../nbs/02b_bench.ipynb #8b9c9f05
 BENCH_SHAPES = {  # name: (model shape, batch size), as in the training configs (vocab 65 for characters)
     'shakespeare-char-cpu': (dict(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False), 12),
     'shakespeare-char': (dict(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384, dropout=0.2, bias=False), 64),
@@ -42,7 +42,7 @@ def bench_shape(name:str):
     if kw.get('vocab_size') is None: kw['vocab_size'] = 65 if 'char' in s.dataset else 50304
     return kw, s.batch_size
 
-# %% ../nbs/02b_bench.ipynb #4f7a58f2
+# %% ../nbs/02b_bench.ipynb #5f0f3681
 def _sync(device):
     if torch.device(device).type == 'cuda': torch.cuda.synchronize()
 
@@ -95,7 +95,7 @@ def bench_sample(cfg:GPTConfig, new_tokens:int=500, device='cpu', same_window=Tr
     if same_window: r['speedup_vs_same_window'] = r['cached_tokens_per_s'] / r['same_window_nocache_tokens_per_s']
     return r
 
-# %% ../nbs/02b_bench.ipynb #44a688b0
+# %% ../nbs/02b_bench.ipynb #9d49e5d1
 def run_bench(configs='shakespeare-char-cpu,shakespeare-char', iters:int=5, sample_tokens:int=500, device='cpu',
               compile=False, same_window=True, threads:int=None, peak_reps:int=10):
     "Run the benchmark for comma-separated config names; returns the JSON-able report."
@@ -131,7 +131,7 @@ def format_bench(rep) -> str:
         lines.append(f"{r['config']:<22}{r['params']/1e6:7.2f}M{t['ms_per_iter']:10.1f}{t['tokens_per_s']:10.0f}{t['mfu']*100:6.1f}%  |               {samp}")
     return '\n'.join(lines)
 
-# %% ../nbs/02b_bench.ipynb #fd94db10
+# %% ../nbs/02b_bench.ipynb #d3fadca4
 @call_parse
 def bench_cli(config:str='shakespeare-char-cpu,shakespeare-char', # comma-separated shapes: shakespeare-char-cpu, shakespeare-char, gpt2, or training config names
               iters:int=5, # timed training steps per config (after 2 warm-up steps)
