@@ -106,7 +106,7 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None: return self.lm_head(x[:, -1:, :]), None
         logits = self.lm_head(x)
-        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 # %% ../nbs/02_gpt.ipynb #e3af0541
 from fastcore.basics import patch

@@ -147,3 +147,12 @@ def test_bench_cli(tmp_path):
     assert res['sample']['cached_tokens_per_s'] > 0 and res['sample']['nanogpt_tokens_per_s'] > 0
     bad = subprocess.run([str(BIN/'munchkin-nb-bench'), '--config', 'nope', '--out', ''], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith('error:')
+
+def test_loss_on_sampler_batches(root):
+    "The batch sampler's y is a view (not contiguous); forward takes it as it comes"
+    from munchkin_nb.data import BatchSampler
+    x, y = BatchSampler('shakespeare_char', 'train', block_size=16, batch_size=3).get_batch()
+    assert not y.is_contiguous()
+    model = GPT(GPTConfig(block_size=16, vocab_size=65, n_layer=1, n_head=2, n_embd=16))
+    logits, loss = model(x, y)
+    assert logits.shape == (3, 16, 65) and abs(loss.item() - math.log(65)) < 0.5
