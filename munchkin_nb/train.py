@@ -9,7 +9,7 @@ __all__ = ['get_lr', 'in_notebook', 'style', 'pprint_dict', 'rng_state', 'set_rn
            'LossPNG', 'LivePlot', 'Wandb', 'check_wandb', 'TrainingDiverged', 'autocast_ctx', 'Trainer', 'train',
            'train_main', 'train_cli', 'eval_main', 'eval_cli']
 
-# %% ../nbs/03_train.ipynb #86becd6f
+# %% ../nbs/03_train.ipynb #6318d464
 import os, sys, io, gc, json, math, time, pickle, random, signal, argparse, contextlib
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 from .config import (MunchkinError, run_cli, Settings, load_settings, resolve_device, resolve_dtype,
-                     model_dir, atomic_write, _FIELDS)
+                     model_dir, atomic_write, remove_stale_tmp, _FIELDS)
 from .data import ensure_prepared, load_meta, BatchSampler, iter_split
 from .gpt import GPTConfig, GPT, measure_matmul_peak
 
-# %% ../nbs/03_train.ipynb #6aad1175
+# %% ../nbs/03_train.ipynb #a34dd54d
 def get_lr(it:int, s:Settings) -> float:
     "Learning rate at iteration `it`: linear warmup, cosine decay to `min_lr`, then `min_lr`"
     if not s.decay_lr: return s.learning_rate
@@ -30,7 +30,7 @@ def get_lr(it:int, s:Settings) -> float:
     ratio = (it - s.warmup_iters) / max(1, s.lr_decay_iters - s.warmup_iters)
     return s.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (s.learning_rate - s.min_lr)
 
-# %% ../nbs/03_train.ipynb #4c15c07b
+# %% ../nbs/03_train.ipynb #67dcb057
 _COLORS = dict(red=31, green=32, yellow=33, cyan=36, gray=90)
 
 def _use_color(stream=None) -> bool:
@@ -54,7 +54,7 @@ def pprint_dict(d:dict, title:str=None, align:int=30):
     if title: print(style(f"\n{title}:\n{'=' * len(title)}", 'green'))
     for k, v in d.items(): print(f"{style(str(k).ljust(align), 'cyan')}: {v}")
 
-# %% ../nbs/03_train.ipynb #97f353ff
+# %% ../nbs/03_train.ipynb #2473194d
 def rng_state() -> dict:
     "Python, NumPy, torch (and CUDA) random states, as plain values and tensors"
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -72,7 +72,7 @@ def set_rng_state(d:dict):
     torch.set_rng_state(d['torch'])
     if 'cuda' in d and torch.cuda.is_available(): torch.cuda.set_rng_state_all(d['cuda'])
 
-# %% ../nbs/03_train.ipynb #67f9d628
+# %% ../nbs/03_train.ipynb #e3c331a7
 def checkpoint_path(name:str) -> Path:
     "Where run `name` keeps its checkpoint: `models/<name>/checkpoint.pt`"
     return model_dir(name)/'checkpoint.pt'
@@ -94,7 +94,7 @@ def load_checkpoint(path, map_location='cpu') -> dict:
         raise MunchkinError(f"{path} is not a munchkin_nb checkpoint (no 'model' and 'model_args'); train again")
     return ckpt
 
-# %% ../nbs/03_train.ipynb #c38b8d13
+# %% ../nbs/03_train.ipynb #fb51edb0
 @dataclass
 class Dist:
     "Where this process sits in a (possibly single-process) run"
@@ -122,7 +122,7 @@ def setup_dist(s:Settings, device:str, dist:Dist) -> str:
     torch.distributed.init_process_group(backend=backend, rank=dist.rank, world_size=dist.world_size)
     return device
 
-# %% ../nbs/03_train.ipynb #fe165d54
+# %% ../nbs/03_train.ipynb #296095a9
 def dataset_vocab(s:Settings, meta:dict) -> int:
     "Vocabulary size of the model: the setting, else the dataset's (padded to a multiple of 64 for BPE)"
     v = meta['vocab_size']
@@ -147,7 +147,7 @@ def check_fit(ckpt:dict, model_args:dict, tokenizer:dict, path) -> None:
         have = ', '.join(f"{k}={ca[k]}" for k in bad); want = ', '.join(f"{k}={model_args[k]}" for k in bad)
         raise MunchkinError(f"checkpoint {path} has {have} but the config asks for {want}; use the checkpoint's settings or a new --name")
 
-# %% ../nbs/03_train.ipynb #b0c750a9
+# %% ../nbs/03_train.ipynb #cbe19b72
 def _load_weights(model:GPT, sd:dict, path):
     "Copy a state dict into `model` with clear errors"
     if hasattr(model, 'load_weights'): return model.load_weights(sd, source=path)
@@ -170,7 +170,7 @@ def build_model(s:Settings, meta:dict, ckpt:dict=None, path=None):
         if s.block_size < model.config.block_size: model.crop_block_size(s.block_size)
     return model, asdict(model.config)
 
-# %% ../nbs/03_train.ipynb #d6d19ca3
+# %% ../nbs/03_train.ipynb #dd827534
 def get_batch(sampler):
     "A batch from `sampler`, contiguous (the sampler's windows are views of one buffer)"
     x, y = sampler.get_batch()
@@ -203,7 +203,7 @@ def full_loss(model, dataset:str, split:str, block_size:int, batch_size:int, dev
         total += loss.item() * y.numel(); n += y.numel()
     return total / n
 
-# %% ../nbs/03_train.ipynb #057e686d
+# %% ../nbs/03_train.ipynb #7b0adbce
 class Callback:
     "Hooks called by `train` on the master process; override the ones you need"
     def on_start(self, tr): pass
@@ -231,7 +231,7 @@ def read_metrics(path) -> list:
         except ValueError: pass
     return out
 
-# %% ../nbs/03_train.ipynb #59385893
+# %% ../nbs/03_train.ipynb #f02db938
 def plot_losses(history:list, ax=None, title:str=None):
     "Draw the train (per-iteration) and eval (train and val) loss curves of `history` on `ax`"
     if ax is None:
@@ -294,7 +294,7 @@ def check_wandb(s:Settings):
     try: import wandb
     except ImportError: raise MunchkinError("wandb_log=True but wandb is not installed; pip install -e '.[wandb]' or set --wandb_log False") from None
 
-# %% ../nbs/03_train.ipynb #32c63847
+# %% ../nbs/03_train.ipynb #57c490d6
 class TrainingDiverged(MunchkinError):
     "The loss became NaN or infinite"
 
@@ -305,7 +305,7 @@ def autocast_ctx(device:str, dtype:str):
     if dtype == 'float32': return contextlib.nullcontext()
     return torch.autocast(device_type=device.split(':')[0], dtype=_PTDTYPE[dtype])
 
-# %% ../nbs/03_train.ipynb #e6a259f9
+# %% ../nbs/03_train.ipynb #9165e5ef
 def _wait_prepared(dataset:str, timeout:float=3600) -> dict:
     "Under DDP, processes other than rank 0 wait while rank 0 prepares the dataset"
     from munchkin_nb.data import is_prepared
@@ -358,7 +358,7 @@ class Trainer:
         for cb in self.callbacks:
             if hasattr(cb, hook): getattr(cb, hook)(self, *args)
 
-# %% ../nbs/03_train.ipynb #008320c0
+# %% ../nbs/03_train.ipynb #f9ffeb3e
 @torch.no_grad()
 def _param_checksum(model) -> torch.Tensor:
     return torch.stack([p.double().sum() for p in model.parameters()] + [p.double().abs().sum() for p in model.parameters()])
@@ -409,7 +409,7 @@ def setup(self:Trainer):
         self.model = DDP(self.model, device_ids=[d.local_rank] if self.device_type == 'cuda' else None)
     self.peak_flops = None
 
-# %% ../nbs/03_train.ipynb #36e92614
+# %% ../nbs/03_train.ipynb #6b18b5f8
 @patch
 def checkpoint(self:Trainer) -> dict:
     "Everything needed to continue this run exactly"
@@ -450,13 +450,13 @@ def diverged(self:Trainer, what:str):
     raise TrainingDiverged(f"training diverged at iteration {self.iter_num} ({what}); the checkpoint {self.ckpt_path} was not "
                            f"overwritten; lower learning_rate or raise warmup_iters and train again")
 
-# %% ../nbs/03_train.ipynb #16985290
+# %% ../nbs/03_train.ipynb #05cc3863
 @patch
 def run(self:Trainer):
     "Train until `max_iters`, Ctrl-C or divergence; return self"
     s, d = self.settings, self.dist
     self.setup()
-    if d.master: self.out_dir.mkdir(parents=True, exist_ok=True)
+    if d.master: self.out_dir.mkdir(parents=True, exist_ok=True); remove_stale_tmp(self.out_dir)   # left by killed runs
     self._call('on_start')
     self.print(style('\n\nTraining\n========', 'yellow'))
     old_handler = self._catch_sigint()
@@ -553,7 +553,7 @@ def _check_ranks(self:Trainer):
     same = all(torch.equal(allsums[0], a) for a in allsums[1:])
     self.print(style(f"DDP: parameters {'identical' if same else 'DIFFERENT'} on {self.dist.world_size} processes", 'green' if same else 'red'))
 
-# %% ../nbs/03_train.ipynb #21ba16b0
+# %% ../nbs/03_train.ipynb #1c598a82
 def train(settings:Settings, callbacks=None, quiet:bool=False) -> Trainer:
     "Train a GPT with `settings`; `callbacks` replace the default plots (metrics.jsonl is always written)"
     d = dist_from_env()
@@ -561,7 +561,7 @@ def train(settings:Settings, callbacks=None, quiet:bool=False) -> Trainer:
     if d.master and not quiet: pprint_dict(asdict(settings), 'Training settings')
     return tr.run()
 
-# %% ../nbs/03_train.ipynb #c39e6c9b
+# %% ../nbs/03_train.ipynb #c29a388f
 _KEYS_HELP = "settings (as --key value): " + ', '.join(_FIELDS)
 
 def _parse(argv, prog, desc, extra=()):
@@ -584,7 +584,7 @@ def train_cli():
     "Console script: train a GPT"
     run_cli(train_main)
 
-# %% ../nbs/03_train.ipynb #8b1c29bd
+# %% ../nbs/03_train.ipynb #8318a923
 def eval_main(argv=None) -> dict:
     "Train and val loss of a run's saved checkpoint: `munchkin-nb-eval CONFIG [--full] [--key value ...]`"
     args, rest = _parse(sys.argv[1:] if argv is None else argv, 'munchkin-nb-eval', "Loss of a run's saved checkpoint",
