@@ -285,6 +285,8 @@ def prepare(dataset:str, source=None, force:bool=False, val_size:float=None) -> 
     info = check_dataset(dataset)
     val_size = info['val_size'] if val_size is None else val_size
     if not 0 < val_size < 1: raise MunchkinError(f"val_size={val_size} must be in (0, 1)")
+    if source and not str(source).startswith(('http://', 'https://')) and not Path(source).expanduser().exists():
+        raise MunchkinError(f"source {str(source)!r} does not exist; pass --source an existing file or folder")
     if is_prepared(dataset) and not force:
         print(f"{dataset} is already prepared in {data_dir(dataset)} (use --force to prepare it again)")
         return load_meta(dataset)
