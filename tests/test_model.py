@@ -22,8 +22,10 @@ def test_shakespeare_char_params_and_groups():
     assert 'num non-decayed parameter tensors: 13, with 4,992 parameters' in buf.getvalue()
 
 def test_init_loss_near_ln_vocab():
+    "At initialisation the model spreads its bets: loss close to ln(65), averaged over 16 sequences"
+    torch.manual_seed(0)
     m = GPT(GPTConfig(**CHAR)).eval()
-    x, y = torch.randint(0, 65, (2, 64)), torch.randint(0, 65, (2, 64))
+    x, y = torch.randint(0, 65, (16, 64)), torch.randint(0, 65, (16, 64))
     with torch.no_grad(): _, loss = m(x, y)
     assert abs(loss.item() - math.log(65)) < 0.1
 
