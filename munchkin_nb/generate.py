@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['checkpoint_file', 'read_checkpoint', 'model_from_checkpoint', 'tokenizer_from_checkpoint', 'StreamDecoder',
            'check_sampling', 'Sampler', 'print_stream', 'shape_probs', 'next_token_probs', 'plot_next_token',
-           'SamplerWidget', 'print_section', 'generate_parser', 'generate_main', 'generate_cli']
+           'SamplerWidget', 'generate_parser', 'generate_main', 'generate_cli']
 
 # %% ../nbs/04_generate.ipynb #d8664a13
 import os, sys, re, math, time, codecs, argparse, threading, html
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .config import MunchkinError, run_cli, model_dir, config_names, resolve_device
 from .data import tokenizer_from_dict, load_tokenizer
 from .gpt import GPT, GPTConfig
+from .train import load_checkpoint, pprint_dict
 
 # %% ../nbs/04_generate.ipynb #435e6146
 def checkpoint_file(name) -> Path:
@@ -35,16 +36,7 @@ def read_checkpoint(name, map_location='cpu') -> dict:
     if not path.is_file():
         hint = _train_hint(str(name)) if Path(name).suffix != '.pt' else 'munchkin-nb-train CONFIG'
         raise MunchkinError(f"no checkpoint for {str(name)!r} at {path}; train one first: {hint}")
-    try: from munchkin_nb.train import load_checkpoint
-    except ImportError: load_checkpoint = None
-    if load_checkpoint is not None: ckpt = load_checkpoint(path, map_location=map_location)
-    else:
-        try: ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as e:
-            raise MunchkinError(f"cannot load {path} ({type(e).__name__}); it is truncated or not a munchkin checkpoint, train again") from None
-    missing = [k for k in ('model', 'model_args') if k not in ckpt]
-    if missing: raise MunchkinError(f"{path} has no {', '.join(missing)}; it is not a munchkin checkpoint, train again")
-    return ckpt
+    return load_checkpoint(path, map_location=map_location)
 
 # %% ../nbs/04_generate.ipynb #5551125f
 def model_from_checkpoint(ckpt:dict, device='cpu') -> GPT:
@@ -324,13 +316,6 @@ class SamplerWidget:
         return not self.running
 
 # %% ../nbs/04_generate.ipynb #825defdf
-def print_section(title:str, d:dict, file=None, align:int=30):
-    "Print `d` under an underlined `title`, keys padded to `align`, like the original's `pprint_dict`"
-    file = file or sys.stdout
-    print(f'\n{title}:\n' + '=' * len(title), file=file)
-    for k, v in d.items(): print(f'{k.ljust(align)}: {v}', file=file)
-    file.flush()
-
 def _fmt(v):
     "A loss with 4 decimals (None stays None)"
     try: return f'{float(v):.4f}'
@@ -371,11 +356,11 @@ def generate_main(argv:list=None, file=None):
     if a.top_k is not None and top_k != a.top_k: print(f"note: top-k {a.top_k} is above the vocabulary; using {top_k}", file=err)
     n = len(s.tokenize(prompt))
     if n > s.block_size: print(f"note: the prompt is {n} tokens, more than block_size={s.block_size}; the model sees its last {s.block_size}", file=err)
-    print_section('Generation Setup', {'Model': a.model, 'Checkpoint': checkpoint_file(a.model), 'Device': s.device,
+    pprint_dict({'Model': a.model, 'Checkpoint': checkpoint_file(a.model), 'Device': s.device,
         'Random seed': a.seed, 'Temperature': a.temperature, 'Top k': top_k, 'Top p': a.top_p, 'Samples': a.num_samples,
         'Max new tokens': a.max_tokens, 'Tokenizer': getattr(s.tok, 'kind', '?'), 'KV cache': not a.no_cache,
-        'Trained iterations': s.info['iter_num'], 'Best val loss': _fmt(s.info['best_val_loss'])}, file)
-    print_section('Model configuration', asdict(s.model.config), file)
+        'Trained iterations': s.info['iter_num'], 'Best val loss': _fmt(s.info['best_val_loss'])}, 'Generation Setup', file=file)
+    pprint_dict(asdict(s.model.config), 'Model configuration', file=file)
     print(file=file, flush=True)
     g, t0 = s.new_generator(a.seed), time.perf_counter()
     for _ in range(a.num_samples):

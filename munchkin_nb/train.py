@@ -49,10 +49,12 @@ def style(text:str, color:str=None) -> str:
     "`text` in `color` when colours are on"
     return f"\033[{_COLORS[color]}m{text}\033[0m" if color and _use_color() else text
 
-def pprint_dict(d:dict, title:str=None, align:int=30):
-    "Print a section: a green underlined title, then aligned `key: value` lines"
-    if title: print(style(f"\n{title}:\n{'=' * len(title)}", 'green'))
-    for k, v in d.items(): print(f"{style(str(k).ljust(align), 'cyan')}: {v}")
+def pprint_dict(d:dict, title:str=None, align:int=30, file=None):
+    "Print a section to `file` (stdout): a green underlined title, then aligned `key: value` lines"
+    file = file or sys.stdout
+    if title: print(style(f"\n{title}:\n{'=' * len(title)}", 'green'), file=file)
+    for k, v in d.items(): print(f"{style(str(k).ljust(align), 'cyan')}: {v}", file=file)
+    file.flush()
 
 # %% ../nbs/03_train.ipynb #2473194d
 def rng_state() -> dict:
