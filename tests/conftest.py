@@ -42,3 +42,12 @@ def run_script(name, *args, root=None, timeout=300, **kw) -> subprocess.Complete
 def run_cli(root):
     "Run a console script in the temporary root: `run_cli('munchkin-nb-train', 'shakespeare-char-cpu', '--max_iters', 5)`"
     return lambda name, *args, **kw: run_script(name, *args, root=root, **kw)
+
+def assert_one_line_error(r, *contains, midway=False):
+    "Exit code 2, no traceback, and one `error:` line on stderr naming the problem (`midway`: progress output may precede it)"
+    assert r.returncode == 2, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
+    assert 'Traceback' not in r.stderr, r.stderr
+    lines = [l for l in r.stderr.replace('\r', '\n').splitlines() if l.strip()]
+    if not midway: assert len(lines) == 1, r.stderr
+    assert lines and lines[-1].startswith('error: ') and sum(l.startswith('error: ') for l in lines) == 1, r.stderr
+    for s in contains: assert s in lines[-1], lines[-1]

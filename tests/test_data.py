@@ -3,7 +3,7 @@ import gzip, json, os
 from pathlib import Path
 import numpy as np
 import pytest
-from conftest import run_script
+from conftest import run_script, assert_one_line_error as _fails
 
 def meta_of(root, ds): return json.loads((root/'etc'/'dataset'/ds/'meta.json').read_text())
 
@@ -74,16 +74,6 @@ def test_prepare_openwebtext_from_local_corpus(tmp_path, shakespeare_path):
     r = run_script('munchkin-nb-prepare', 'openwebtext', '--source', tmp_path/'corpus', '--val_size', '0.05', root=tmp_path/'r2')
     for s in ('train', 'val'):
         assert (ddir/f'{s}.bin').read_bytes() == (tmp_path/f'r2/etc/dataset/openwebtext/{s}.bin').read_bytes()
-
-def _fails(r, *contains, midway=False):
-    "Exit code 2 and one `error:` line on stderr naming the problem; `midway`: a progress bar may precede it"
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = [l for l in r.stderr.strip().replace('\r', '\n').splitlines() if l.strip()]
-    assert 'Traceback' not in r.stderr, r.stderr
-    assert (lines[-1] if midway else '\n'.join(lines)).startswith('error: '), r.stderr
-    err = lines[-1] if midway else '\n'.join(lines)
-    assert len(err.splitlines()) == 1, r.stderr
-    for c in contains: assert c in err, err
 
 def test_prepare_bad_input(tmp_path, shakespeare_path):
     _fails(run_script('munchkin-nb-prepare', 'tinystories', root=tmp_path), "unknown dataset 'tinystories'", 'shakespeare_char, shakespeare, openwebtext')

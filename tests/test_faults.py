@@ -4,17 +4,11 @@ import json, os, signal, subprocess, sys, time
 from pathlib import Path
 import numpy as np
 import pytest
-from conftest import BIN, run_script
+from functools import partial
+from conftest import BIN, run_script, assert_one_line_error
+_one_line_error = partial(assert_one_line_error, midway=True)  # a run's progress output may come before its error
 
 needs_bpe = pytest.mark.skipif(not os.environ.get('TIKTOKEN_CACHE_DIR') and not (Path.home()/'.cache').exists(), reason='no tiktoken cache')
-
-def _one_line_error(r, *contains):
-    "Exit code 2, a single `error:` line on stderr naming the problem, no traceback"
-    assert r.returncode == 2, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
-    assert 'Traceback' not in r.stderr, r.stderr
-    lines = [l for l in r.stderr.replace('\r', '\n').splitlines() if l.strip()]
-    assert lines and lines[-1].startswith('error: ') and sum(l.startswith('error: ') for l in lines) == 1, r.stderr
-    for c in contains: assert c in lines[-1], lines[-1]
 
 def _corpus(d:Path, shakespeare_path:Path, docs=4000):
     "A corpus of .jsonl shards big enough that preparing it takes a few seconds"
