@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['GPTConfig', 'LayerNorm', 'MLP', 'Block', 'GPT', 'param_breakdown', 'measure_matmul_peak', 'sample_next',
-           'load_safetensors', 'save_safetensors']
+           'decode_linear', 'load_safetensors', 'save_safetensors']
 
 # %% ../nbs/02_gpt.ipynb #0d6abf46
-import math, json, time, inspect, os, struct
+import math, json, time, inspect, os, struct, functools
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 import torch
@@ -200,6 +200,28 @@ def sample_next(logits, # (B, vocab) logits of the last position
         logits = logits.masked_fill(remove.scatter(1, sorted_idx, remove), float('-inf'))
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
 
+# %% ../nbs/02_gpt.ipynb #f01a1a69
+@functools.cache
+def _onednn_linear_ok() -> bool:
+    "Is oneDNN's fused linear usable here? Checked once against `F.linear` and GELU."
+    try:
+        x, w, b = torch.randn(3, 16), torch.randn(8, 16), torch.randn(8)
+        with torch.inference_mode():
+            y = torch.ops.mkldnn._linear_pointwise(x, w, b, 'none', [], '')
+            g = torch.ops.mkldnn._linear_pointwise(x, w, b, 'gelu', [], 'tanh')
+        return torch.allclose(y, F.linear(x, w, b), atol=1e-5) and torch.allclose(g, F.gelu(F.linear(x, w, b), approximate='tanh'), atol=1e-5)
+    except Exception: return False
+
+def decode_linear(x, # (B, in) activations
+                  w, # (out, in) weight, as in `nn.Linear`
+                  b=None, # (out,) bias or None
+                  act:str=None): # None, or the GELU after it: 'none' (exact) or 'tanh'
+    "`F.linear` (then GELU), through oneDNN for float32 on the CPU outside autograd, the fast path for one row."
+    if x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled() and _onednn_linear_ok():
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, 'none' if act is None else 'gelu', [], '' if act is None else act)
+    y = F.linear(x, w, b)
+    return y if act is None else F.gelu(y, approximate=act)
+
 # %% ../nbs/02_gpt.ipynb #7b4eecf7
 @patch
 def new_caches(self:GPT, batch_size:int, device=None, dtype=None):
@@ -215,21 +237,21 @@ def decode_step(self:GPT, tok, # (B,) or (B, 1) newest token ids
     "Logits (B, vocab) of the next token: the forward pass for one new token, with few small ops."
     cfg = self.config
     B, C, nh = tok.size(0), cfg.n_embd, cfg.n_head
-    approx = 'tanh' if cfg.activation == 'gelu_new' else 'none'
+    act = 'tanh' if cfg.activation == 'gelu_new' else 'none'
     if pos >= cfg.block_size: raise MunchkinError(f"position {pos} is outside block_size {cfg.block_size}; crop the context")
     tr = self.transformer
-    x = tr.wte.weight[tok.view(B)] + tr.wpe.weight[pos]                  # (B, C)
+    x = F.embedding(tok.view(B), tr.wte.weight) + tr.wpe.weight[pos]       # (B, C)
     for block, cache in zip(tr.h, caches):
         a, m = block.attn, block.mlp
-        qkv = F.linear(F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias), a.c_attn.weight, a.c_attn.bias)
+        qkv = decode_linear(F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias), a.c_attn.weight, a.c_attn.bias)
         qkv = qkv.view(B, 3, nh, 1, C // nh)
-        cache.k[:, :, pos:pos + 1] = qkv[:, 1]; cache.v[:, :, pos:pos + 1] = qkv[:, 2]   # append to the cache in place
+        cache.kv[:, :, :, pos:pos + 1] = qkv[:, 1:]                          # append key and value in one copy
         cache.pos = pos + 1
         y = F.scaled_dot_product_attention(qkv[:, 0], cache.k[:, :, :pos + 1], cache.v[:, :, :pos + 1])  # one query sees all
-        x = x + F.linear(y.view(B, C), a.c_proj.weight, a.c_proj.bias)
-        h = F.linear(F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias), m.c_fc.weight, m.c_fc.bias)
-        x = x + F.linear(F.gelu(h, approximate=approx), m.c_proj.weight, m.c_proj.bias)
-    return self.lm_head(F.layer_norm(x, (C,), tr.ln_f.weight, tr.ln_f.bias))
+        x = x + decode_linear(y.view(B, C), a.c_proj.weight, a.c_proj.bias)
+        h = decode_linear(F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias), m.c_fc.weight, m.c_fc.bias, act)
+        x = x + decode_linear(h, m.c_proj.weight, m.c_proj.bias)
+    return decode_linear(F.layer_norm(x, (C,), tr.ln_f.weight, tr.ln_f.bias), self.lm_head.weight)
 
 @patch
 @torch.inference_mode()
