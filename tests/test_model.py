@@ -58,6 +58,13 @@ def test_greedy_cache_equals_nocache_past_block_size():
     assert a.shape == (3, 65) and torch.equal(a, b)
     for keep in (1, 15): assert torch.equal(m.generate(p, 40, temperature=0, keep=keep), m.generate(p, 40, temperature=0, keep=keep, use_cache=False))
 
+def test_greedy_cache_equals_nocache_char_shape():
+    "The shakespeare-char shape decodes through oneDNN's one-row products (decode_linear); greedy tokens still match, past block_size."
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(**{**CHAR, 'dropout': 0.0})).eval(); p = torch.randint(0, 65, (1, 3))
+    a = m.generate(p, 300, temperature=0); b = m.generate(p, 300, temperature=0, use_cache=False)
+    assert a.shape == (1, 303) and torch.equal(a, b)
+
 def test_long_prompt_and_sampling_reproducible():
     m = tiny(); p = torch.randint(0, 50, (1, 40))          # prompt longer than block_size
     g = lambda: torch.Generator().manual_seed(7)
