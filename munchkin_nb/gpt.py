@@ -258,7 +258,8 @@ def decode_linear(x, # (B, in) activations
                   how:str=None): # force a route: 'linear', 'onednn' or 'bag' (default: the measured fastest)
     "`F.linear` (then GELU) by the fastest route this CPU has for this shape; plain `F.linear` on a GPU or under autograd."
     if how is None:
-        if x.device.type != 'cpu' or x.dtype != torch.float32 or torch.is_grad_enabled(): how = 'linear'
+        if (x.device.type != 'cpu' or x.dtype != torch.float32 or torch.is_grad_enabled()
+            or torch.are_deterministic_algorithms_enabled()): how = 'linear'
         else:
             key = (tuple(w.shape), x.size(0), store is not None, torch.get_num_threads())
             how = _DECODE_ROUTE.get(key) or _pick_route(key, x, w, b, act, store)
