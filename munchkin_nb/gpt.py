@@ -258,7 +258,7 @@ def decode_linear(x, # (B, in) activations
                   how:str=None): # force a route: 'linear', 'onednn' or 'bag' (default: the measured fastest)
     "`F.linear` (then GELU) by the fastest route this CPU has for this shape; plain `F.linear` on a GPU or under autograd."
     if how is None:
-        if (x.device.type != 'cpu' or x.dtype != torch.float32 or torch.is_grad_enabled()
+        if (x.device.type != 'cpu' or x.dtype != torch.float32 or torch.is_grad_enabled() or w.numel() < 1 << 17
             or torch.are_deterministic_algorithms_enabled()): how = 'linear'
         else:
             key = (tuple(w.shape), x.size(0), store is not None, torch.get_num_threads())
