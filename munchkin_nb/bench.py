@@ -98,7 +98,6 @@ def bench_sample(cfg:GPTConfig, new_tokens:int=500, device='cpu', same_window=Tr
     if same_window: r['speedup_vs_same_window'] = r['cached_tokens_per_s'] / r['same_window_nocache_tokens_per_s']
     return r
 
-
 # %% ../nbs/02b_bench.ipynb #9d49e5d1
 def run_bench(configs='shakespeare-char-cpu,shakespeare-char', iters:int=5, sample_tokens:int=500, device='cpu',
               compile=False, same_window=True, threads:int=None, peak_reps:int=10, sample_repeats:int=2):

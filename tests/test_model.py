@@ -59,7 +59,7 @@ def test_greedy_cache_equals_nocache_past_block_size():
     for keep in (1, 15): assert torch.equal(m.generate(p, 40, temperature=0, keep=keep), m.generate(p, 40, temperature=0, keep=keep, use_cache=False))
 
 def test_greedy_cache_equals_nocache_char_shape():
-    "The shakespeare-char shape decodes through oneDNN's one-row products (decode_linear); greedy tokens still match, past block_size."
+    "At the shakespeare-char shape decoding takes decode_linear's measured routes; greedy tokens still match, past block_size."
     torch.manual_seed(0)
     m = GPT(GPTConfig(**{**CHAR, 'dropout': 0.0})).eval(); p = torch.randint(0, 65, (1, 3))
     a = m.generate(p, 300, temperature=0); b = m.generate(p, 300, temperature=0, use_cache=False)
