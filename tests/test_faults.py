@@ -35,7 +35,8 @@ def test_killed_prepare_never_looks_complete(tmp_path, shakespeare_path):
         p.send_signal(signal.SIGKILL); p.wait()
         os.environ['MUNCHKIN_ROOT'] = str(tmp_path)
         try:
-            from munchkin_nb.data import load_meta, is_prepared
+            from munchkin_nb.data import load_meta
+            from munchkin_nb.prepare import is_prepared
             if is_prepared('openwebtext'):  # the kill came after the end: then everything must agree
                 m = load_meta('openwebtext')
                 assert (ddir/'train.bin').stat().st_size == 2 * m['train_tokens']
@@ -176,14 +177,14 @@ BAD_ARGS = [
     ('munchkin-nb-prepare', ['shakespeare_char', '--source', '/no/such/file.txt'], 'does not exist'),
     ('munchkin-nb-prepare', ['shakespeare_char', '--val_size', '0'], 'val_size=0.0 must be in (0, 1)'),
     ('munchkin-nb-train', ['no-such-config'], "unknown config 'no-such-config'; valid configs: openwebtext"),
-    ('munchkin-nb-train', ['shakespeare-char-cpu', '--max_iter', '5'], "unknown setting 'max_iter'; valid settings"),
+    ('munchkin-nb-train', ['shakespeare-char-cpu', '--max_iter', '5'], "unknown option --max_iter (did you mean --max_iters?)"),
     ('munchkin-nb-train', ['shakespeare-char-cpu', '--batch_size', '0'], 'batch_size=0 must be a positive integer'),
     ('munchkin-nb-train', ['shakespeare-char-cpu', '--n_layer', '-2'], 'n_layer=-2 must be a positive integer'),
     ('munchkin-nb-train', ['shakespeare-char-cpu', '--learning_rate', 'fast'], "learning_rate='fast' is not a number"),
     ('munchkin-nb-train', ['shakespeare-char-cpu', '--n_head', '3'], 'not divisible by n_head=3'),
     ('munchkin-nb-train', ['shakespeare-char-cpu', '--device', 'cuda'], 'no CUDA GPU'),
-    ('munchkin-nb-train', ['shakespeare-char-cpu', '--name', 'never-trained', '--init_from', 'resume'], 'no checkpoint at'),
-    ('munchkin-nb-eval', ['shakespeare-char-cpu', '--name', 'never-trained'], 'no checkpoint at'),
+    ('munchkin-nb-train', ['shakespeare-char-cpu', '--name', 'never-trained', '--init_from', 'resume'], 'no checkpoint for'),
+    ('munchkin-nb-eval', ['shakespeare-char-cpu', '--name', 'never-trained'], 'no checkpoint for'),
     ('munchkin-nb-eval', ['nope'], "unknown config 'nope'"),
     ('munchkin-nb-generate', ['never-trained'], 'munchkin-nb-train'),
     ('munchkin-nb-generate', ['victim', '--max-tokens', '0'], 'max'),

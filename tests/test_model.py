@@ -4,7 +4,9 @@ from pathlib import Path
 import pytest, torch
 from munchkin_nb.config import MunchkinError
 from munchkin_nb.attention import CausalSelfAttention, KVCache, explicit_self_attention
-from munchkin_nb.gpt import GPT, GPTConfig, load_safetensors, save_safetensors, measure_matmul_peak
+from munchkin_nb.gpt import GPT, GPTConfig
+from munchkin_nb.hub import load_safetensors, save_safetensors, from_pretrained, save_pretrained
+from munchkin_nb.kernels import measure_matmul_peak
 
 CHAR = dict(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384, dropout=0.2, bias=False)
 BIN = Path(sys.executable).parent
@@ -105,7 +107,7 @@ def test_from_pretrained_hf(tmp_path, transformers, fmt):
         for n, p in hf.named_parameters():
             if p.dim() == 1: p.add_(torch.randn_like(p) * 0.1)
     hf.save_pretrained(tmp_path, safe_serialization=(fmt == 'safetensors'))
-    ours = GPT.from_pretrained(tmp_path).eval()
+    ours = from_pretrained(tmp_path).eval()
     x = torch.randint(0, 99, (2, 32))
     with torch.no_grad(): a, b = ours(x, x)[0], hf(x).logits
     assert (a - b).abs().max().item() < 1e-5
@@ -116,27 +118,27 @@ def test_save_pretrained_loads_in_transformers(tmp_path, transformers):
         with torch.no_grad():
             for n, p in m.named_parameters():
                 if p.dim() == 1: p.add_(torch.randn_like(p) * 0.1)
-        m.save_pretrained(tmp_path/str(bias))
+        save_pretrained(m, tmp_path/str(bias))
         hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path/str(bias)).eval()
         x = torch.randint(0, 50, (2, 16))
         with torch.no_grad(): a, b = m(x, x)[0], hf(x).logits
         assert (a - b).abs().max().item() < 1e-5
-        back = GPT.from_pretrained(tmp_path/str(bias)).eval()
+        back = from_pretrained(tmp_path/str(bias)).eval()
         with torch.no_grad(): assert (back(x, x)[0] - a).abs().max().item() < 1e-5
 
 def test_from_pretrained_bad_folders(tmp_path):
-    with pytest.raises(MunchkinError, match='neither a folder nor one of'): GPT.from_pretrained('gpt5')
-    with pytest.raises(MunchkinError, match='no config.json'): GPT.from_pretrained(tmp_path)
-    m = tiny(); m.save_pretrained(tmp_path)
+    with pytest.raises(MunchkinError, match='neither a folder nor one of'): from_pretrained('gpt5')
+    with pytest.raises(MunchkinError, match='no config.json'): from_pretrained(tmp_path)
+    m = tiny(); save_pretrained(m, tmp_path)
     cfg = json.loads((tmp_path/'config.json').read_text())
     (tmp_path/'config.json').write_text(json.dumps({**cfg, 'n_embd': 64, 'n_head': 2}))
-    with pytest.raises(MunchkinError, match='shape mismatch for'): GPT.from_pretrained(tmp_path)
+    with pytest.raises(MunchkinError, match='shape mismatch for'): from_pretrained(tmp_path)
     (tmp_path/'config.json').write_text(json.dumps({**cfg, 'activation_function': 'relu'}))
-    with pytest.raises(MunchkinError, match="activation_function 'relu' is not supported"): GPT.from_pretrained(tmp_path)
+    with pytest.raises(MunchkinError, match="activation_function 'relu' is not supported"): from_pretrained(tmp_path)
     (tmp_path/'model.safetensors').write_bytes(b'garbage')
     (tmp_path/'config.json').write_text(json.dumps(cfg))
-    with pytest.raises(MunchkinError, match='not a valid safetensors'): GPT.from_pretrained(tmp_path)
-    with pytest.raises(MunchkinError, match='only dropout'): GPT.from_pretrained(tmp_path, override_args=dict(n_layer=1))
+    with pytest.raises(MunchkinError, match='not a valid safetensors'): from_pretrained(tmp_path)
+    with pytest.raises(MunchkinError, match='only dropout'): from_pretrained(tmp_path, override_args=dict(n_layer=1))
 
 def test_mfu_and_peak():
     m = tiny()

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest, torch
 from conftest import BIN, run_script
 from munchkin_nb.config import load_settings, MunchkinError, run_cli
-from munchkin_nb.train import (train, train_main, eval_main, load_checkpoint, checkpoint_path, read_metrics,
-                               Callback, TrainingDiverged, save_checkpoint)
+from munchkin_nb.train import train, train_main, eval_main, read_metrics, Callback, TrainingDiverged
+from munchkin_nb.checkpoint import load_checkpoint, checkpoint_path, save_checkpoint
 
 CONFIG = 'shakespeare-char-cpu'
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, dropout=0.1, device='cpu', compile=False,
@@ -104,7 +104,7 @@ def _bad(capsys, args) -> str:
 
 def test_bad_input(root, capsys):
     assert 'valid configs' in _bad(capsys, ['no-such-config'])
-    assert 'valid settings' in _bad(capsys, [CONFIG, '--n_layers', '2'])
+    assert 'unknown option --n_layers' in _bad(capsys, [CONFIG, '--n_layers', '2'])
     assert 'not an integer' in _bad(capsys, [CONFIG, '--max_iters', 'lots'])
     assert 'no checkpoint' in _bad(capsys, [CONFIG, *argv(name='fresh', init_from='resume')])
     assert not (root/'models').exists()
@@ -153,11 +153,13 @@ def test_torchrun_ddp(root):
 def test_init_from_pretrained_folder(root):
     "init_from a local GPT-2 (Hugging Face) folder: BPE dataset, block size cropped, the config's dropout"
     from munchkin_nb.gpt import GPT, GPTConfig
+    from munchkin_nb.hub import save_pretrained
     src = Path(__file__).resolve().parent.parent/'etc'/'dataset'/'shakespeare'
     if not (src/'meta.json').exists(): pytest.skip('the BPE shakespeare dataset is not prepared in the repository')
     shutil.copytree(src, root/'etc'/'dataset'/'shakespeare', ignore=shutil.ignore_patterns('input.txt'))
     folder = root/'hf-tiny'
-    GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=32, bias=True, activation='gelu_new')).save_pretrained(folder)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=32, bias=True, activation='gelu_new'))
+    save_pretrained(model, folder)
     tr = train(load_settings('shakespeare', tiny(name='ft', init_from=str(folder), block_size=16, max_iters=2, eval_interval=2,
                                                  always_save_checkpoint=True, batch_size=2)), callbacks=[], quiet=True)
     ck = load_checkpoint(checkpoint_path('ft'))
