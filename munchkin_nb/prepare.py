@@ -6,12 +6,12 @@
 __all__ = ['SHAKESPEARE_URL', 'DATASETS', 'check_dataset', 'fetch_text', 'sha256_file', 'is_prepared', 'prepare',
            'ensure_prepared', 'prepare_cli']
 
-# %% ../nbs/11_corpus.ipynb #fbce6236
+# %% ../nbs/11_corpus.ipynb #433732f2
 import os, sys, json, gzip, time, hashlib, urllib.request
 from pathlib import Path
 from typing import Iterator
 import numpy as np
-from .config import MunchkinError, Parser, run_cli, say, progress, data_dir, atomic_write, remove_stale_tmp
+from .config import MunchkinError, Parser, run_cli, say, progress, data_dir, offline_file, atomic_write, remove_stale_tmp
 from .data import CharTokenizer, BPETokenizer, read_text, load_meta, load_tokenizer
 
 # %% ../nbs/11_corpus.ipynb #62d5b985
@@ -38,6 +38,7 @@ def fetch_text(dataset:str, source=None) -> Path:
         if not p.exists(): raise MunchkinError(f"source {str(source)!r} does not exist; pass --source an existing file or folder")
         return p
     url = url or check_dataset(dataset)['url']
+    if url == SHAKESPEARE_URL and offline_file('input.txt'): return offline_file('input.txt')
     try:
         with urllib.request.urlopen(url, timeout=30) as r, atomic_write(dest) as tmp: tmp.write_bytes(r.read())
     except OSError as e:

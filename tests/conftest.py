@@ -1,21 +1,25 @@
-"Shared fixtures: offline data from ../shared, a temporary project root, and console scripts as subprocesses"
+"Shared fixtures: offline data ($MUNCHKIN_OFFLINE), a temporary project root, and console scripts as subprocesses"
 import os, sys, shutil, subprocess
 from pathlib import Path
 import pytest
 
+from munchkin_nb.config import offline_file
+
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent/'shared'
 BIN = Path(sys.executable).parent
 
-if 'TIKTOKEN_CACHE_DIR' not in os.environ and (SHARED/'tiktoken-cache').is_dir():
-    os.environ['TIKTOKEN_CACHE_DIR'] = str(SHARED/'tiktoken-cache')
+def bpe_available() -> bool:
+    "Whether GPT-2's BPE loads here (online, from tiktoken's cache, or from $MUNCHKIN_OFFLINE)"
+    from munchkin_nb.data import BPETokenizer
+    try: BPETokenizer(); return True
+    except Exception: return False
 
 @pytest.fixture(scope='session')
 def shakespeare_path() -> Path:
-    "Tiny Shakespeare on disk: ../shared, else the repository's prepared copy"
-    for p in (SHARED/'data'/'tinyshakespeare'/'input.txt', REPO/'etc'/'dataset'/'shakespeare_char'/'input.txt'):
-        if p.is_file(): return p
-    pytest.skip('tiny Shakespeare is not available offline (../shared/data/tinyshakespeare/input.txt)')
+    "Tiny Shakespeare on disk: `$MUNCHKIN_OFFLINE/input.txt`, else the repository's copy"
+    for p in (offline_file('input.txt'), REPO/'etc'/'dataset'/'shakespeare_char'/'input.txt'):
+        if p and p.is_file(): return p
+    pytest.skip('tiny Shakespeare is not available offline (set MUNCHKIN_OFFLINE to a folder holding input.txt)')
 
 @pytest.fixture(scope='session')
 def _prepared_char(tmp_path_factory, shakespeare_path):

@@ -3,7 +3,7 @@ import gzip, json, os
 from pathlib import Path
 import numpy as np
 import pytest
-from conftest import run_script, assert_one_line_error as _fails
+from conftest import bpe_available, run_script, assert_one_line_error as _fails
 
 def meta_of(root, ds): return json.loads((root/'etc'/'dataset'/ds/'meta.json').read_text())
 
@@ -32,7 +32,7 @@ def test_prepare_shakespeare_char(tmp_path, shakespeare_path):
     assert r.returncode == 0 and 'tokens/s' in r.stdout
 
 def test_prepare_shakespeare_bpe(tmp_path, shakespeare_path):
-    if not os.environ.get('TIKTOKEN_CACHE_DIR'): pytest.skip('no offline tiktoken cache')
+    if not bpe_available(): pytest.skip("GPT-2's BPE is not available offline")
     r = run_script('munchkin-nb-prepare', 'shakespeare', '--source', shakespeare_path, root=tmp_path)
     assert r.returncode == 0, r.stderr
     m = meta_of(tmp_path, 'shakespeare')
@@ -52,7 +52,7 @@ def _corpus(d:Path, paras):
     return 1000
 
 def test_prepare_openwebtext_from_local_corpus(tmp_path, shakespeare_path):
-    if not os.environ.get('TIKTOKEN_CACHE_DIR'): pytest.skip('no offline tiktoken cache')
+    if not bpe_available(): pytest.skip("GPT-2's BPE is not available offline")
     import tiktoken
     paras = [p for p in shakespeare_path.read_text().split('\n\n') if p.strip()]
     ndocs = _corpus(tmp_path/'corpus', paras)
@@ -90,7 +90,7 @@ def test_prepare_bad_input(tmp_path, shakespeare_path):
     assert not list((tmp_path/'etc'/'dataset').rglob('*.bin')) if (tmp_path/'etc'/'dataset').exists() else True
 
 def test_failed_corpus_leaves_nothing_that_looks_complete(tmp_path, shakespeare_path):
-    if not os.environ.get('TIKTOKEN_CACHE_DIR'): pytest.skip('no offline tiktoken cache')
+    if not bpe_available(): pytest.skip("GPT-2's BPE is not available offline")
     paras = [p for p in shakespeare_path.read_text().split('\n\n') if p.strip()]
     _corpus(tmp_path/'corpus', paras)
     with open(tmp_path/'corpus'/'z.jsonl', 'w') as f: f.write('{"text": "fine"}\n{"body": "no text field"}\n')

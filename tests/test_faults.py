@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from functools import partial
-from conftest import BIN, run_script, assert_one_line_error
+from conftest import bpe_available, BIN, run_script, assert_one_line_error
 _one_line_error = partial(assert_one_line_error, midway=True)  # a run's progress output may come before its error
 
-needs_bpe = pytest.mark.skipif(not os.environ.get('TIKTOKEN_CACHE_DIR') and not (Path.home()/'.cache').exists(), reason='no tiktoken cache')
+needs_bpe = pytest.mark.skipif(not bpe_available(), reason="GPT-2's BPE is not available offline")
 
 def _corpus(d:Path, shakespeare_path:Path, docs=4000):
     "A corpus of .jsonl shards big enough that preparing it takes a few seconds"
