@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['HELP_WIDTH', 'MunchkinError', 'run_cli', 'say', 'repo_dir', 'root_dir', 'data_dir', 'offline_file', 'model_dir',
-           'configs_dir', 'atomic_write', 'remove_stale_tmp', 'Settings', 'validate', 'check_name', 'read_env',
-           'config_names', 'config_path', 'parse_overrides', 'load_settings', 'resolve_device', 'resolve_dtype',
-           'in_notebook', 'style', 'pprint_dict', 'progress', 'Parser', 'add_settings_options', 'settings_overrides',
-           'config_summary', 'configs_cli']
+           'configs_dir', 'atomic_write', 'remove_stale_tmp', 'run_lock', 'Settings', 'validate', 'check_name',
+           'read_env', 'config_names', 'config_path', 'parse_overrides', 'load_settings', 'resolve_device',
+           'resolve_dtype', 'in_notebook', 'style', 'pprint_dict', 'progress', 'Parser', 'add_settings_options',
+           'settings_overrides', 'config_summary', 'configs_cli']
 
 # %% ../nbs/10_settings.ipynb #29864456
 import os, sys, re, argparse, difflib, contextlib
@@ -84,6 +84,31 @@ def remove_stale_tmp(folder):
         try: os.kill(int(p.name.split('.')[-2]), 0)
         except (ValueError, ProcessLookupError): p.unlink(missing_ok=True)
         except PermissionError: pass  # another user's live process
+
+# %% ../nbs/10_settings.ipynb #7aee044e
+@contextlib.contextmanager
+def run_lock(folder, # the folder to own; created if missing
+             what:str='folder', # what the folder is, for the message: 'run folder', 'dataset'
+             remedy:str='', # what the user can do instead, appended to the message
+            ):
+    "Hold an exclusive OS lock on `folder/.lock` while the context is open"
+    import fcntl
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder/'.lock', os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child programs
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors='replace').strip()
+            who = 'this process' if holder == str(os.getpid()) else f'process {holder or "(unknown)"}'
+            msg = f"{what} {folder} is in use by {who}"
+            raise MunchkinError(msg + (f"; {remedy}" if remedy else '')) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f'{os.getpid()}\n'.encode(), 0)
+        yield folder
+    finally:
+        os.close(fd)  # closing the file releases the lock
 
 # %% ../nbs/10_settings.ipynb #6c29a4d1
 @dataclass
