@@ -118,7 +118,7 @@ class Trainer:
         self.evaluated = self.saved_iter = self.stop_signal = self.stopped_by = None
         self.history, self.hard_exit, self.run_id = [], False, f"{time.time():.0f}-{os.getpid()}"
 
-# %% ../nbs/03_train.ipynb #4555256b
+# %% ../nbs/03_train.ipynb #874d2c52
 @patch
 def _device(self:Trainer):
     "The device and dtype this run uses, checked"
@@ -156,7 +156,7 @@ def _check_run(self:Trainer):
                             f"{self.out_dir}; continue it with --init_from resume, or start again "
                             "with --overwrite True (which deletes it)")
 
-# %% ../nbs/03_train.ipynb #54a4758c
+# %% ../nbs/03_train.ipynb #9e976eef
 def _wait_prepared(dataset:str, timeout:float=3600) -> dict:
     "Under DDP, processes other than rank 0 wait while rank 0 prepares the dataset"
     t0 = time.time()
@@ -181,7 +181,7 @@ def _dataset(self:Trainer) -> dict:
                                 f"for block_size={s.block_size}; use a smaller --block_size")
     return meta
 
-# %% ../nbs/03_train.ipynb #7fbd7f1a
+# %% ../nbs/03_train.ipynb #fbc475d7
 @patch
 def _open_run(self:Trainer):
     "Lock the run folder for this process's life; return the checkpoint to resume from, or None"
@@ -245,7 +245,7 @@ def setup(self:Trainer):
     self.model = torch.compile(self.raw_model) if s.compile else self.raw_model
     if d.ddp: self.model = wrap_ddp(self.model, d, self.device_type)
 
-# %% ../nbs/03_train.ipynb #8708787a
+# %% ../nbs/03_train.ipynb #3bf5e85a
 def get_batch(sampler):
     "A batch from `sampler`, contiguous (the sampler's windows are views of one buffer)"
     x, y = sampler.get_batch()
@@ -283,7 +283,7 @@ def _reseed(sampler, seed:int):
     "Put `sampler` back at the start of the batches of `seed`"
     sampler.load_state_dict({'generator': torch.Generator().manual_seed(seed).get_state()})
 
-# %% ../nbs/03_train.ipynb #714c0efb
+# %% ../nbs/03_train.ipynb #7a845c8d
 @torch.no_grad()
 def estimate_loss(model, samplers:dict, eval_iters:int, ctx=contextlib.nullcontext(), seed:int=1337,
                   show:bool=True, tbytes=None, stop=None) -> dict:
@@ -346,7 +346,7 @@ def diverged(self:Trainer, what:str):
 @patch
 def _stop_asked(self:Trainer) -> bool: return self.stop_signal is not None
 
-# %% ../nbs/03_train.ipynb #ad292520
+# %% ../nbs/03_train.ipynb #964cc193
 @patch
 def state_dict(self:Trainer) -> dict:
     "Everything needed to continue this run exactly"
@@ -369,7 +369,7 @@ def save(self:Trainer, best:bool=False):
     else: save_checkpoint(ckpt, last_path(name))
     self.saved_iter = self.iter_num
 
-# %% ../nbs/03_train.ipynb #603a9a74
+# %% ../nbs/03_train.ipynb #4649ceff
 def _best_on_disk(name:str) -> tuple:
     "The best val loss and its iteration recorded in run `name`'s `checkpoint.pt` (inf if none)"
     try: ck = load_checkpoint(checkpoint_path(name), mmap=True)
@@ -402,7 +402,7 @@ def restore(self:Trainer, ckpt:dict):
     records = read_metrics(self.out_dir/'metrics.jsonl') if d.master else []
     self.history = history_at(records, self.iter_num, self.evaluated is not None)
 
-# %% ../nbs/03_train.ipynb #ac2e7cbe
+# %% ../nbs/03_train.ipynb #5593a3fe
 def read_metrics(path) -> list:
     "The records of a `metrics.jsonl` (lines that are not complete JSON objects are skipped)"
     out = []
@@ -474,17 +474,22 @@ def plot_losses(history:list, ax=None, title:str=None):
     if logs or evals: ax.legend(loc='upper right')
     return ax
 
-# %% ../nbs/03_train.ipynb #e11dc5fd
+# %% ../nbs/03_train.ipynb #3b86d77a
 class LossPNG(Callback):
-    "Refresh `models/<name>/loss.png` at each eval"
+    "Refresh `models/<name>/loss.png` at each eval after the first (one point is no curve) and at the end"
+    drawn = None
     def on_eval(self, tr, rec):
+        if rec['iter'] > tr.start_iter: self.draw(tr)
+    def on_end(self, tr):
+        if self.drawn != tr.iter_num and any(r['kind'] == 'eval' for r in tr.history): self.draw(tr)
+    def draw(self, tr):
         from matplotlib.figure import Figure
-        if not hasattr(self, 'fig'):
-            self.fig = Figure(figsize=(7, 3.5))
+        if self.drawn is None:
+            self.fig = Figure(figsize=(7, 3.5), layout='tight')   # the layout is computed at each save
             self.ax = self.fig.subplots()
         plot_losses(tr.history, self.ax, title=tr.settings.name)
-        self.fig.tight_layout()
         with atomic_write(tr.out_dir/'loss.png') as tmp: self.fig.savefig(tmp, format='png', dpi=90)
+        self.drawn = tr.iter_num
 
 class LivePlot(Callback):
     "Loss curves in the notebook, redrawn in place at each eval and at most every `every` s on logs"
@@ -524,7 +529,7 @@ class Wandb(Callback):
                       **bpb})
     def on_end(self, tr): self.run.finish()
 
-# %% ../nbs/03_train.ipynb #896585e3
+# %% ../nbs/03_train.ipynb #06c2148f
 def _hms(secs:float) -> str:
     "`secs` as h:mm:ss or m:ss"
     m, sec = divmod(int(round(secs)), 60)
@@ -539,7 +544,7 @@ def _peak_flops(self:Trainer) -> float:
         if cuda: return measure_matmul_peak(self.device, _PTDTYPE[self.dtype])
         return measure_matmul_peak(self.device, torch.float32, n=1024, reps=3)
 
-# %% ../nbs/03_train.ipynb #c454e339
+# %% ../nbs/03_train.ipynb #bf058c7c
 @patch
 def _mfu(self:Trainer, per_iter:float) -> float:
     "Running MFU (as nanoGPT's: an average over logs), never above 1"
@@ -573,7 +578,7 @@ def log(self:Trainer, lossf:float):
     self._call('on_log', rec)
     self.clock['plots and logs'] += time.perf_counter() - t0
 
-# %% ../nbs/03_train.ipynb #edc7d826
+# %% ../nbs/03_train.ipynb #a1abdbf3
 @patch
 def settings_in_effect(self:Trainer) -> dict:
     "The settings as used: device, dtype and threads resolved, the dataset's split and vocabulary"
@@ -594,7 +599,7 @@ def print(self:Trainer, *args, **kw):
     "Print on the master process unless quiet; a closed stdout never stops the run"
     if self.dist.master and not self.quiet: say(*args, **kw)
 
-# %% ../nbs/03_train.ipynb #d8a52853
+# %% ../nbs/03_train.ipynb #31f9e861
 STOP_SIGNALS = ('SIGINT', 'SIGTERM', 'SIGHUP')
 
 def _quit_now(signum:int):
@@ -624,7 +629,7 @@ def _signals(self:Trainer):
     finally:
         for sig, h in old.items(): signal.signal(sig, h)
 
-# %% ../nbs/03_train.ipynb #cdb4a256
+# %% ../nbs/03_train.ipynb #6a5ce731
 @patch
 def _should_stop(self:Trainer) -> bool:
     "Whether a stop signal arrived here (or, under DDP, at any process: all stop together)"
@@ -683,7 +688,7 @@ def _loop(self:Trainer):
         if log_now: self.log(lossf)
         self.iter_num += 1
 
-# %% ../nbs/03_train.ipynb #b76a2f5f
+# %% ../nbs/03_train.ipynb #8572b92b
 @patch
 @contextlib.contextmanager
 def timed(self:Trainer, phase:str):
@@ -722,7 +727,7 @@ def _eval_line(self:Trainer, rec:dict) -> str:
     if rec['best']: return f"{line}; new best, saved {checkpoint_path(self.settings.name)}"
     return f"{line}; the best is still {self.best_val_loss:.4f} (iteration {self.best_iter})"
 
-# %% ../nbs/03_train.ipynb #f3afdf25
+# %% ../nbs/03_train.ipynb #17c153d3
 @patch
 def _start(self:Trainer):
     "A fresh run's old files go; the callbacks start; the settings, setup and optimizer are printed"
@@ -771,7 +776,7 @@ def _call(self:Trainer, hook:str, *args):
     for cb in self.callbacks:
         if hasattr(cb, hook): getattr(cb, hook)(self, *args)
 
-# %% ../nbs/03_train.ipynb #40c992f8
+# %% ../nbs/03_train.ipynb #39a81784
 @patch
 def _finish(self:Trainer):
     "The end of a run: `last.pt` up to date, the ranks compared under DDP, the summary"
@@ -850,7 +855,7 @@ def wrap_ddp(model, dist:Dist, device_type:str):
     from torch.nn.parallel import DistributedDataParallel as DDP
     return DDP(model, device_ids=[dist.local_rank] if device_type == 'cuda' else None)
 
-# %% ../nbs/03_train.ipynb #be6d20d2
+# %% ../nbs/03_train.ipynb #782aea89
 @torch.no_grad()
 def _param_checksum(model) -> torch.Tensor:
     ps = list(model.parameters())
