@@ -49,7 +49,7 @@ def resume_path(name) -> Path:
     "The file `--init_from resume` continues from: `last.pt` when present, else `checkpoint.pt`"
     return last_path(name) if last_path(name).is_file() else checkpoint_path(name)
 
-# %% ../nbs/12_checkpoints.ipynb #4e2fe1fa
+# %% ../nbs/12_checkpoints.ipynb #0abafb7b
 def save_checkpoint(ckpt:dict, path):
     "Write `ckpt` to `path` atomically"
     with atomic_write(path) as tmp: torch.save(ckpt, tmp)
@@ -60,7 +60,7 @@ def _train_hint(name:str) -> str:
     if name in config_names(): return f"munchkin-nb-train {name}"
     return f"munchkin-nb-train CONFIG --name {name}"
 
-# %% ../nbs/12_checkpoints.ipynb #394ea709
+# %% ../nbs/12_checkpoints.ipynb #248cebe3
 _SHAPE = ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size')
 
 def _is_int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
@@ -73,7 +73,7 @@ def _tokenizer_problem(t) -> str:
     if t.get('kind') == 'bpe' and isinstance(t.get('encoding', 'r50k_base'), str): return ''
     return "'tokenizer' is neither {'kind': 'char', 'chars': ...} nor {'kind': 'bpe'}"
 
-# %% ../nbs/12_checkpoints.ipynb #cb65001c
+# %% ../nbs/12_checkpoints.ipynb #d5846756
 def _rng_problem(r) -> str:
     "What is wrong with a saved random state, or ''"
     seq = lambda v, n: isinstance(v, (tuple, list)) and len(v) == n
@@ -98,7 +98,7 @@ def _optional_problem(ckpt:dict) -> str:
         return "'sampler' holds no generator state"
     return _rng_problem(ckpt['rng']) if 'rng' in ckpt else ''
 
-# %% ../nbs/12_checkpoints.ipynb #5a1f7861
+# %% ../nbs/12_checkpoints.ipynb #1d4b0ca0
 def check_structure(ckpt, path) -> dict:
     "`ckpt` if it has a checkpoint's keys and types, else a `MunchkinError` naming `path` and what"
     def bad(what):
@@ -118,7 +118,7 @@ def check_structure(ckpt, path) -> dict:
     if problem: bad(problem)
     return ckpt
 
-# %% ../nbs/12_checkpoints.ipynb #7fbe7d3e
+# %% ../nbs/12_checkpoints.ipynb #002b3b80
 def load_checkpoint(name, map_location='cpu', mmap:bool=False) -> dict:
     "Run `name`'s best checkpoint (or a `.pt` file), read with `weights_only=True` and checked"
     path = checkpoint_path(name)
