@@ -30,7 +30,7 @@ class CharTokenizer:
     def decode(self, ids) -> str: return ''.join(self.chars[i] for i in ids)
     def to_dict(self) -> dict: return {'kind': 'char', 'chars': self.chars}
 
-# %% ../nbs/00_data.ipynb #11cbd94c
+# %% ../nbs/00_data.ipynb #4fc1ac31
 def _char_encode(self, s:str) -> list:
     "Token ids of `s`; characters outside the vocabulary are an error naming them"
     try: return [self.stoi[c] for c in s]
@@ -67,7 +67,7 @@ class BPETokenizer:
     def decode(self, ids) -> str: return self.enc.decode(list(ids))
     def to_dict(self) -> dict: return {'kind': 'bpe', 'encoding': self.encoding}
 
-# %% ../nbs/00_data.ipynb #c7344af0
+# %% ../nbs/00_data.ipynb #469e61f9
 def tokenizer_from_dict(d:dict):
     "The tokenizer that `to_dict` described"
     if d.get('kind') == 'char': return CharTokenizer(d['chars'])
@@ -113,12 +113,12 @@ def _check_meta(dataset:str, meta) -> dict:
     if bad: raise _damaged(dataset, f"{data_dir(dataset)/'meta.json'} has no valid {bad!r}")
     return meta
 
-# %% ../nbs/00_data.ipynb #b3b13c44
+# %% ../nbs/00_data.ipynb #02757426
 def load_meta(dataset:str, check:bool=True) -> dict:
     "The prepared dataset's metadata, checked against its bins"
     ddir = data_dir(dataset)
     try: meta = _check_meta(dataset, json.loads((ddir/'meta.json').read_text(encoding='utf-8')))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         if any((ddir/f'{s}.bin').exists() for s in ('train', 'val')):
             raise _damaged(dataset, f"{ddir/'meta.json'} is missing") from None
         raise MunchkinError(f"dataset {dataset!r} is not prepared; run munchkin-nb-prepare "
@@ -155,7 +155,7 @@ def _open_split(dataset:str, split:str):
         f.noted = True
     return f, _count(dataset, f)
 
-# %% ../nbs/00_data.ipynb #32992bae
+# %% ../nbs/00_data.ipynb #00a7bc78
 def _replaced(path:Path, f) -> bool:
     "Whether `path` is now another file than open file `f` (said once a file)"
     return (not getattr(f, 'noted', False) and path.exists()
@@ -181,7 +181,7 @@ def _to_device(t:torch.Tensor, device:str) -> torch.Tensor:
     if str(device).startswith('cuda'): return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
-# %% ../nbs/00_data.ipynb #f8771448
+# %% ../nbs/00_data.ipynb #9d69ba12
 def check_block_size(meta_or_dataset, # a dataset's name or its `load_meta` dictionary
                      block_size:int):
     "The dataset's metadata if both of its splits hold a window of `block_size + 1` tokens"

@@ -12,8 +12,8 @@ import os, re, json, gzip, time, shutil, ctypes, hashlib, urllib.request
 from pathlib import Path
 from typing import Iterator
 import numpy as np
-from .config import (MunchkinError, Parser, run_cli, say, progress, data_dir, offline_file,
-                                atomic_write, check_name, run_lock)
+from .config import (MunchkinError, Parser, run_cli, say, progress, data_dir,
+                                offline_file, atomic_write, check_name, run_lock)
 from .data import CharTokenizer, BPETokenizer, load_meta, _forget
 
 # %% ../nbs/11_corpus.ipynb #62d5b985
@@ -26,7 +26,7 @@ BUILTINS = {
 }
 TOKENIZERS = {'char': 'characters of the text', 'gpt2': "GPT-2's byte-pair encoding"}
 
-# %% ../nbs/11_corpus.ipynb #8da480bd
+# %% ../nbs/11_corpus.ipynb #e6e5099d
 def tokenizer_name(meta:dict) -> str:
     "'char' or 'gpt2': the tokenizer a dataset's metadata describes"
     return 'char' if meta['tokenizer'].get('kind') == 'char' else 'gpt2'
@@ -67,7 +67,7 @@ def corpus_files(source) -> list:
         raise MunchkinError(f"source folder {str(source)!r} has no .txt, .jsonl or .jsonl.gz files")
     return files
 
-# %% ../nbs/11_corpus.ipynb #7ad7280e
+# %% ../nbs/11_corpus.ipynb #e6bd8cc1
 _CHUNK = 1 << 20  # characters read at a time from a .txt document
 
 def _cut(text:str) -> int:
@@ -89,7 +89,7 @@ def _txt_pieces(f) -> Iterator:
         rest = text[cut:]
     if rest: yield rest
 
-# %% ../nbs/11_corpus.ipynb #712967ce
+# %% ../nbs/11_corpus.ipynb #e70cc2b9
 def _record(path:Path, n:int, line:str) -> str:
     "The text of line `n` of a `.jsonl` file, checked"
     bad = lambda what: MunchkinError(f"{path}:{n}: {what}; fix or remove that line")
@@ -121,7 +121,7 @@ def _pieces(path:Path) -> Iterator:
     except (OSError, EOFError) as e:
         raise MunchkinError(f"cannot read {str(path)!r} ({e}); check the file") from None
 
-# %% ../nbs/11_corpus.ipynb #a4eef9c8
+# %% ../nbs/11_corpus.ipynb #11415804
 def source_sha256(source) -> str:
     "SHA-256 of a file's bytes, or of a folder's text files (paths inside it, then bytes)"
     source, h = Path(source), hashlib.sha256()
@@ -145,11 +145,11 @@ def _hub_pieces(name:str='openwebtext') -> Iterator:
                             "offline, pass --source PATH to a local corpus") from None
     for doc in ds: yield doc['text'], True
 
-# %% ../nbs/11_corpus.ipynb #bfee02b8
-def _scan(files:list, chars:bool, source) -> tuple:
+# %% ../nbs/11_corpus.ipynb #c9d1c1f8
+def _scan(files:list, chars:bool, source, show:bool=False) -> tuple:
     "Characters per document and, if `chars`, the set of characters, after one pass over `files`"
     doc_chars, cur, seen, has_text = [], 0, set(), False
-    for path in progress(files, desc='reading', unit='file', leave=False):
+    for path in progress(files, desc='reading', unit='file', leave=False, disable=not show):
         for piece, ends in _pieces(path):
             cur += len(piece)
             has_text = has_text or not piece.isspace()
@@ -164,7 +164,7 @@ def _scan(files:list, chars:bool, source) -> tuple:
                             "token ids of uint16; use --tokenizer gpt2")
     return np.array(doc_chars, dtype=np.int64), seen
 
-# %% ../nbs/11_corpus.ipynb #56720c17
+# %% ../nbs/11_corpus.ipynb #46c499a3
 _MIN_VAL_DOCS = 10  # fewer documents than this for validation: split each document's end instead
 _SEED = 2357
 
@@ -175,7 +175,7 @@ def split_rule(n_docs:int, val_size:float) -> str:
 # %% ../nbs/11_corpus.ipynb #ed1b0c34
 _BATCH_CHARS = 1 << 22  # characters encoded per call
 
-def _encode_into(items, tok, files:dict, threads:int=0, total:int=None) -> tuple:
+def _encode_into(items, tok, files:dict, threads:int=0, total:int=None, show:bool=False) -> tuple:
     "Append the tokens of `(key, text, ends)` items to `files[key]`; return counts and doc ends"
     counts, ends_at, batch, nchars = dict.fromkeys(files, 0), [], [], 0
     def flush():
@@ -186,7 +186,8 @@ def _encode_into(items, tok, files:dict, threads:int=0, total:int=None) -> tuple
             counts[key] += len(out)
             if ends: ends_at.append(counts[key])
         bar.update(sum(len(t) for _, t, _ in batch if t))
-    with progress(total=total, unit='char', unit_scale=True, desc='tokenizing', leave=False) as bar:
+    bar_args = dict(unit='char', unit_scale=True, desc='tokenizing', leave=False, disable=not show)
+    with progress(total=total, **bar_args) as bar:
         for item in items:
             batch.append(item)
             nchars += len(item[1] or '')
@@ -196,7 +197,7 @@ def _encode_into(items, tok, files:dict, threads:int=0, total:int=None) -> tuple
         flush()
     return counts, np.array(ends_at, dtype=np.int64)
 
-# %% ../nbs/11_corpus.ipynb #c7e37b0a
+# %% ../nbs/11_corpus.ipynb #f01c8f55
 def _end_items(pieces, doc_chars:np.ndarray, val_size:float, eot:bool) -> Iterator:
     "`(split, text, False)` items: the end of each document to 'val', the rest to 'train'"
     doc, pos, used = 0, 0, {'train': False, 'val': False}
@@ -213,7 +214,8 @@ def _end_items(pieces, doc_chars:np.ndarray, val_size:float, eot:bool) -> Iterat
             doc, pos = doc + 1, 0
 
 # %% ../nbs/11_corpus.ipynb #6cbc7b54
-def _shuffle_split(tokens_path:Path, ends_at:np.ndarray, val_size:float, folder:Path) -> dict:
+def _shuffle_split(tokens_path:Path, ends_at:np.ndarray, val_size:float, folder:Path,
+                   show:bool=False) -> dict:
     "Write `train.bin` and `val.bin` in `folder` from the documents of `tokens_path`, shuffled"
     offsets, n_docs = np.concatenate([[0], ends_at]), len(ends_at)
     if n_docs < 2: raise MunchkinError("the corpus has fewer than 2 documents; a split needs at "
@@ -225,19 +227,22 @@ def _shuffle_split(tokens_path:Path, ends_at:np.ndarray, val_size:float, folder:
     try:
         for split, docs in (('val', order[:n_val]), ('train', order[n_val:])):
             with open(folder/f'{split}.bin', 'wb', buffering=1 << 22) as out:
-                for d in progress(docs, desc=f'writing {split}', leave=False):
+                for d in progress(docs, desc=f'writing {split}', leave=False, disable=not show):
                     out.write(os.pread(fd, int(lengths[d]) * 2, int(offsets[d]) * 2))
             counts[f'{split}_tokens'] = int(lengths[docs].sum())
     finally: os.close(fd)
     return counts
 
 # %% ../nbs/11_corpus.ipynb #24c33df5
+_BAR_BYTES = 1 << 26  # progress bars for sources larger than this
+
 def _build(folder:Path, dataset:str, tokenizer:str, source, val_size:float, threads:int=0,
            origin=None, # the URL `source` was downloaded from
           ) -> dict:
     "Make `train.bin`, `val.bin` and `meta.json` in `folder` from `source` (None: the hub)"
     t0, files = time.time(), corpus_files(source) if source else None
-    doc_chars, seen = _scan(files, tokenizer == 'char', source) if files else (None, None)
+    show = files is None or sum(p.stat().st_size for p in files) > _BAR_BYTES
+    doc_chars, seen = _scan(files, tokenizer == 'char', source, show) if files else (None, None)
     tok = CharTokenizer(sorted(seen)) if tokenizer == 'char' else BPETokenizer()
     pieces = (piece for p in files for piece in _pieces(p)) if files else _hub_pieces()
     rule = split_rule(len(doc_chars), val_size) if files else 'documents'
@@ -245,15 +250,15 @@ def _build(folder:Path, dataset:str, tokenizer:str, source, val_size:float, thre
     if rule == 'end':
         with open(folder/'train.bin', 'wb') as tr, open(folder/'val.bin', 'wb') as va:
             items = _end_items(pieces, doc_chars, val_size, eot)
-            counts, _ = _encode_into(items, tok, {'train': tr, 'val': va}, threads, total)
+            counts, _ = _encode_into(items, tok, {'train': tr, 'val': va}, threads, total, show)
         counts = {f'{k}_tokens': v for k, v in counts.items()}
     else:
         with open(folder/'tokens.tmp', 'wb') as f:
             items = _doc_items(pieces, eot)
-            _, ends_at = _encode_into(items, tok, {'all': f}, threads, total)
-        counts = _shuffle_split(folder/'tokens.tmp', ends_at, val_size, folder)
+            _, ends_at = _encode_into(items, tok, {'all': f}, threads, total, show)
+        counts = _shuffle_split(folder/'tokens.tmp', ends_at, val_size, folder, show)
         (folder/'tokens.tmp').unlink()
-    where = origin or (str(Path(source).expanduser().absolute()) if source else 'huggingface:openwebtext')
+    where = origin or (str(Path(source).absolute()) if source else 'huggingface:openwebtext')
     meta = dict(dataset=dataset, tokenizer=tok.to_dict(), vocab_size=tok.vocab_size, **counts,
                 source=where, source_sha256=source_sha256(source) if files else None,
                 val_size=val_size, split=rule, documents=len(doc_chars) if files else len(ends_at))
@@ -271,7 +276,7 @@ def _doc_items(pieces, eot:bool) -> Iterator:
         yield 'all', text, ends and not eot
         if ends and eot: yield 'all', None, True
 
-# %% ../nbs/11_corpus.ipynb #968ea06a
+# %% ../nbs/11_corpus.ipynb #450f1925
 def _check_split(meta:dict, source):
     "An error when a split cannot hold one window (an input and its target)"
     for split in ('train', 'val'):
@@ -288,7 +293,7 @@ def _sync(folder:Path):
         try: os.fsync(fd)
         finally: os.close(fd)
 
-# %% ../nbs/11_corpus.ipynb #4764da89
+# %% ../nbs/11_corpus.ipynb #71ac07e6
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 def _swap(new:Path, old:Path, exchange:bool=True):
@@ -302,7 +307,7 @@ def _swap(new:Path, old:Path, exchange:bool=True):
     os.rename(new, old)
     os.rename(side, new)
 
-# %% ../nbs/11_corpus.ipynb #8e807f9e
+# %% ../nbs/11_corpus.ipynb #f84c3123
 def _alive(pid:int) -> bool:
     try: os.kill(pid, 0)
     except ProcessLookupError: return False
@@ -317,13 +322,13 @@ def remove_stale_builds(base:Path):
         if m[3] == 'old' and not (base/m[1]).exists(): os.rename(p, base/m[1])
         else: shutil.rmtree(p, ignore_errors=True)
 
-# %% ../nbs/11_corpus.ipynb #893a8cb1
+# %% ../nbs/11_corpus.ipynb #0d00bbeb
 def _lock(dataset:str):
     "An exclusive lock on preparing `dataset`, or an error naming the process that holds it"
     return run_lock(data_dir(dataset).parent/'.locks'/dataset, 'dataset',
                     "wait for that prepare to finish, then run the command again")
 
-# %% ../nbs/11_corpus.ipynb #8ffee47d
+# %% ../nbs/11_corpus.ipynb #a202039f
 def _plan(dataset:str, source, tokenizer, val_size) -> dict:
     "The tokenizer, val_size and source a prepare of `dataset` uses, checked"
     check_name(dataset, 'dataset name')
@@ -336,20 +341,23 @@ def _plan(dataset:str, source, tokenizer, val_size) -> dict:
                             f"tokenizer; give {tokenizer} tokens a name of their own, e.g. {fix}")
     try: old = {} if builtin else load_meta(dataset, check=False)
     except MunchkinError: old = {}
-    if not builtin and not source and not old.get('source'): raise _unknown(dataset)
-    if not builtin and not source and not Path(old['source']).exists():
-        raise MunchkinError(f"the source of dataset {dataset!r}, {old['source']}, no longer "
-                            f"exists; run munchkin-nb-prepare {dataset} --source PATH --force")
+    if not builtin and not source:  # prepared again: from the source it was made from
+        source = old.get('source')
+        if not source: raise _unknown(dataset)
+        if not _is_url(source) and not Path(source).exists():
+            raise MunchkinError(f"the source of dataset {dataset!r}, {source}, no longer exists; "
+                                f"run munchkin-nb-prepare {dataset} --source PATH --force")
     default = builtin['tokenizer'] if builtin else tokenizer_name(old) if old else 'char'
     if val_size is None: val_size = (builtin or old).get('val_size', 0.1)
     if not 0 < val_size < 1: raise MunchkinError(f"val_size={val_size} must be in (0, 1)")
-    source = source or old.get('source')
-    if source and not _is_url(source) and not Path(source).expanduser().exists():
-        raise MunchkinError(f"source {str(source)!r} does not exist; "
-                            "pass --source an existing file or folder")
+    if source and not _is_url(source):
+        if not Path(source).expanduser().exists():
+            raise MunchkinError(f"source {str(source)!r} does not exist; "
+                                "pass --source an existing file or folder")
+        source = Path(source).expanduser()
     return dict(tokenizer=tokenizer or default, source=source, val_size=val_size)
 
-# %% ../nbs/11_corpus.ipynb #76bc9231
+# %% ../nbs/11_corpus.ipynb #e15f2aab
 def list_datasets() -> list:
     "A dict for each dataset: name, tokenizer, vocab_size, token counts, source, problem (or None)"
     base, rows = data_dir('x').parent, []
@@ -381,7 +389,7 @@ def _table(rows:list) -> str:
                            f"{r['train_tokens']:>13,} {r['val_tokens']:>11,}  {r['source']}")
     return '\n'.join(lines)
 
-# %% ../nbs/11_corpus.ipynb #cdf3dcc4
+# %% ../nbs/11_corpus.ipynb #0a788084
 def _unknown(dataset:str) -> MunchkinError:
     "The error for a dataset name that is neither built in nor prepared"
     names = ', '.join(r['name'] for r in list_datasets() if not r['problem']) or 'none'
@@ -400,7 +408,7 @@ def prepare(dataset:str, # a built-in name or one of your own
     "Make `dataset` (`train.bin`, `val.bin`, `meta.json` in its folder); return its metadata"
     plan = _plan(dataset, source, tokenizer, val_size)
     if is_prepared(dataset) and not force:
-        say(f"{dataset} is already prepared in {data_dir(dataset)} (--force prepares it again)")
+        say(f"{dataset} is already prepared (--force prepares it again)")
         return load_meta(dataset)
     final, base = data_dir(dataset), _writable(data_dir(dataset).parent)
     with _lock(dataset):
@@ -424,7 +432,7 @@ def prepare(dataset:str, # a built-in name or one of your own
         f"{meta['val_tokens']:,} val tokens in {final}")
     return meta
 
-# %% ../nbs/11_corpus.ipynb #d23f69dd
+# %% ../nbs/11_corpus.ipynb #59f69268
 def _writable(base:Path) -> Path:
     "`base`, created if needed, or an error when it cannot be written"
     try:
@@ -449,7 +457,7 @@ def is_prepared(dataset:str) -> bool:
     try: return bool(load_meta(dataset))
     except MunchkinError: return False
 
-# %% ../nbs/11_corpus.ipynb #3505c879
+# %% ../nbs/11_corpus.ipynb #bf6977ff
 def ensure_prepared(dataset:str, source=None) -> dict:
     "The dataset's metadata, preparing it first when it is missing"
     check_name(dataset, 'dataset name')
