@@ -30,7 +30,7 @@ class CharTokenizer:
     def decode(self, ids) -> str: return ''.join(self.chars[i] for i in ids)
     def to_dict(self) -> dict: return {'kind': 'char', 'chars': self.chars}
 
-# %% ../nbs/00_data.ipynb #4fc1ac31
+# %% ../nbs/00_data.ipynb #e1cef106
 def _char_encode(self, s:str) -> list:
     "Token ids of `s`; characters outside the vocabulary are an error naming them"
     try: return [self.stoi[c] for c in s]
@@ -67,7 +67,7 @@ class BPETokenizer:
     def decode(self, ids) -> str: return self.enc.decode(list(ids))
     def to_dict(self) -> dict: return {'kind': 'bpe', 'encoding': self.encoding}
 
-# %% ../nbs/00_data.ipynb #469e61f9
+# %% ../nbs/00_data.ipynb #1940c430
 def tokenizer_from_dict(d:dict):
     "The tokenizer that `to_dict` described"
     if d.get('kind') == 'char': return CharTokenizer(d['chars'])
@@ -104,6 +104,7 @@ def _damaged(dataset:str, what:str) -> MunchkinError:
     return MunchkinError(f"dataset {dataset!r} is damaged: {what}; "
                          f"run munchkin-nb-prepare {dataset} --force")
 
+# %% ../nbs/00_data.ipynb #ac1e5492
 _META_FIELDS = dict(tokenizer=dict, vocab_size=int, train_tokens=int, val_tokens=int)
 
 def _check_meta(dataset:str, meta) -> dict:
@@ -113,7 +114,7 @@ def _check_meta(dataset:str, meta) -> dict:
     if bad: raise _damaged(dataset, f"{data_dir(dataset)/'meta.json'} has no valid {bad!r}")
     return meta
 
-# %% ../nbs/00_data.ipynb #02757426
+# %% ../nbs/00_data.ipynb #ff2b351a
 def load_meta(dataset:str, check:bool=True) -> dict:
     "The prepared dataset's metadata, checked against its bins"
     ddir = data_dir(dataset)
@@ -133,6 +134,7 @@ def load_meta(dataset:str, check:bool=True) -> dict:
                                     f"expected {meta[f'{split}_tokens']} uint16 tokens)")
     return meta
 
+# %% ../nbs/00_data.ipynb #73f73ba8
 def load_tokenizer(dataset:str):
     "The tokenizer a prepared dataset was made with"
     return tokenizer_from_dict(load_meta(dataset, check=False)['tokenizer'])
@@ -155,7 +157,7 @@ def _open_split(dataset:str, split:str):
         f.noted = True
     return f, _count(dataset, f)
 
-# %% ../nbs/00_data.ipynb #00a7bc78
+# %% ../nbs/00_data.ipynb #930efe42
 def _replaced(path:Path, f) -> bool:
     "Whether `path` is now another file than open file `f` (said once a file)"
     return (not getattr(f, 'noted', False) and path.exists()
@@ -168,6 +170,7 @@ def _count(dataset:str, f) -> int:
         raise _damaged(dataset, f"{f.name} is {size} bytes, not a whole number of uint16 tokens")
     return size // 2
 
+# %% ../nbs/00_data.ipynb #23118f8b
 def _tokens(f) -> np.ndarray:
     "A fresh read-only map of open token file `f`"
     return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint16)
@@ -176,12 +179,13 @@ def _forget(folder):
     "Drop the kept files of a dataset folder (its new version is read from now on)"
     for p in [p for p in _OPENED if p.parent == Path(folder).absolute()]: del _OPENED[p]
 
+# %% ../nbs/00_data.ipynb #fa4764e6
 def _to_device(t:torch.Tensor, device:str) -> torch.Tensor:
     "Move a batch to `device`: pinned memory and a non-blocking copy on cuda"
     if str(device).startswith('cuda'): return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
-# %% ../nbs/00_data.ipynb #9d69ba12
+# %% ../nbs/00_data.ipynb #f66382ac
 def check_block_size(meta_or_dataset, # a dataset's name or its `load_meta` dictionary
                      block_size:int):
     "The dataset's metadata if both of its splits hold a window of `block_size + 1` tokens"
@@ -191,6 +195,7 @@ def check_block_size(meta_or_dataset, # a dataset's name or its `load_meta` dict
         if n <= block_size: raise _short(meta.get('dataset', '?'), split, n, block_size)
     return meta
 
+# %% ../nbs/00_data.ipynb #4728b322
 def _short(dataset:str, split:str, n:int, block_size:int) -> MunchkinError:
     "The error for a split shorter than one window"
     fix = f"use --block_size {n - 1} or less, or " if n > 1 else ""

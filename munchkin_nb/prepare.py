@@ -26,7 +26,7 @@ BUILTINS = {
 }
 TOKENIZERS = {'char': 'characters of the text', 'gpt2': "GPT-2's byte-pair encoding"}
 
-# %% ../nbs/11_corpus.ipynb #e6e5099d
+# %% ../nbs/11_corpus.ipynb #0f54d160
 def tokenizer_name(meta:dict) -> str:
     "'char' or 'gpt2': the tokenizer a dataset's metadata describes"
     return 'char' if meta['tokenizer'].get('kind') == 'char' else 'gpt2'
@@ -67,7 +67,7 @@ def corpus_files(source) -> list:
         raise MunchkinError(f"source folder {str(source)!r} has no .txt, .jsonl or .jsonl.gz files")
     return files
 
-# %% ../nbs/11_corpus.ipynb #e6bd8cc1
+# %% ../nbs/11_corpus.ipynb #8baf8dc3
 _CHUNK = 1 << 20  # characters read at a time from a .txt document
 
 def _cut(text:str) -> int:
@@ -89,7 +89,7 @@ def _txt_pieces(f) -> Iterator:
         rest = text[cut:]
     if rest: yield rest
 
-# %% ../nbs/11_corpus.ipynb #e70cc2b9
+# %% ../nbs/11_corpus.ipynb #23369111
 def _record(path:Path, n:int, line:str) -> str:
     "The text of line `n` of a `.jsonl` file, checked"
     bad = lambda what: MunchkinError(f"{path}:{n}: {what}; fix or remove that line")
@@ -121,7 +121,7 @@ def _pieces(path:Path) -> Iterator:
     except (OSError, EOFError) as e:
         raise MunchkinError(f"cannot read {str(path)!r} ({e}); check the file") from None
 
-# %% ../nbs/11_corpus.ipynb #11415804
+# %% ../nbs/11_corpus.ipynb #ade0fd2c
 def source_sha256(source) -> str:
     "SHA-256 of a file's bytes, or of a folder's text files (paths inside it, then bytes)"
     source, h = Path(source), hashlib.sha256()
@@ -145,7 +145,7 @@ def _hub_pieces(name:str='openwebtext') -> Iterator:
                             "offline, pass --source PATH to a local corpus") from None
     for doc in ds: yield doc['text'], True
 
-# %% ../nbs/11_corpus.ipynb #c9d1c1f8
+# %% ../nbs/11_corpus.ipynb #6e8958ba
 def _scan(files:list, chars:bool, source, show:bool=False) -> tuple:
     "Characters per document and, if `chars`, the set of characters, after one pass over `files`"
     doc_chars, cur, seen, has_text = [], 0, set(), False
@@ -164,7 +164,7 @@ def _scan(files:list, chars:bool, source, show:bool=False) -> tuple:
                             "token ids of uint16; use --tokenizer gpt2")
     return np.array(doc_chars, dtype=np.int64), seen
 
-# %% ../nbs/11_corpus.ipynb #46c499a3
+# %% ../nbs/11_corpus.ipynb #a3836c7a
 _MIN_VAL_DOCS = 10  # fewer documents than this for validation: split each document's end instead
 _SEED = 2357
 
@@ -197,7 +197,7 @@ def _encode_into(items, tok, files:dict, threads:int=0, total:int=None, show:boo
         flush()
     return counts, np.array(ends_at, dtype=np.int64)
 
-# %% ../nbs/11_corpus.ipynb #f01c8f55
+# %% ../nbs/11_corpus.ipynb #60e6942f
 def _end_items(pieces, doc_chars:np.ndarray, val_size:float, eot:bool) -> Iterator:
     "`(split, text, False)` items: the end of each document to 'val', the rest to 'train'"
     doc, pos, used = 0, 0, {'train': False, 'val': False}
@@ -263,7 +263,7 @@ def _build(folder:Path, dataset:str, tokenizer:str, source, val_size:float, thre
                 source=where, source_sha256=source_sha256(source) if files else None,
                 val_size=val_size, split=rule, documents=len(doc_chars) if files else len(ends_at))
     if rule == 'documents': meta['shuffle_seed'] = _SEED
-    _check_split(meta, source)
+    _check_split(meta, source, folder)
     (folder/'meta.json').write_text(json.dumps(meta, indent=1))
     _sync(folder)
     n, secs = meta['train_tokens'] + meta['val_tokens'], time.time() - t0
@@ -276,10 +276,12 @@ def _doc_items(pieces, eot:bool) -> Iterator:
         yield 'all', text, ends and not eot
         if ends and eot: yield 'all', None, True
 
-# %% ../nbs/11_corpus.ipynb #450f1925
-def _check_split(meta:dict, source):
-    "An error when a split cannot hold one window (an input and its target)"
+# %% ../nbs/11_corpus.ipynb #8fb1e735
+def _check_split(meta:dict, source, folder:Path):
+    "An error when a split cannot hold one window (an input and its target) or its file is short"
     for split in ('train', 'val'):
+        if (folder/f'{split}.bin').stat().st_size != 2 * meta[f'{split}_tokens']:
+            raise MunchkinError(f"{folder/split}.bin was not written whole; check the disk")
         if meta[f'{split}_tokens'] < 2:
             n, more = meta[f'{split}_tokens'], " or a larger --val_size" if split == 'val' else ''
             raise MunchkinError(f"source {str(source)!r} is too small to split: its {split} "
@@ -293,7 +295,7 @@ def _sync(folder:Path):
         try: os.fsync(fd)
         finally: os.close(fd)
 
-# %% ../nbs/11_corpus.ipynb #71ac07e6
+# %% ../nbs/11_corpus.ipynb #86ec53e8
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 def _swap(new:Path, old:Path, exchange:bool=True):
@@ -307,7 +309,7 @@ def _swap(new:Path, old:Path, exchange:bool=True):
     os.rename(new, old)
     os.rename(side, new)
 
-# %% ../nbs/11_corpus.ipynb #f84c3123
+# %% ../nbs/11_corpus.ipynb #aaaa33ac
 def _alive(pid:int) -> bool:
     try: os.kill(pid, 0)
     except ProcessLookupError: return False
@@ -322,13 +324,13 @@ def remove_stale_builds(base:Path):
         if m[3] == 'old' and not (base/m[1]).exists(): os.rename(p, base/m[1])
         else: shutil.rmtree(p, ignore_errors=True)
 
-# %% ../nbs/11_corpus.ipynb #0d00bbeb
+# %% ../nbs/11_corpus.ipynb #c5fef98e
 def _lock(dataset:str):
     "An exclusive lock on preparing `dataset`, or an error naming the process that holds it"
     return run_lock(data_dir(dataset).parent/'.locks'/dataset, 'dataset',
                     "wait for that prepare to finish, then run the command again")
 
-# %% ../nbs/11_corpus.ipynb #a202039f
+# %% ../nbs/11_corpus.ipynb #4a3d3267
 def _plan(dataset:str, source, tokenizer, val_size) -> dict:
     "The tokenizer, val_size and source a prepare of `dataset` uses, checked"
     check_name(dataset, 'dataset name')
@@ -357,7 +359,7 @@ def _plan(dataset:str, source, tokenizer, val_size) -> dict:
         source = Path(source).expanduser()
     return dict(tokenizer=tokenizer or default, source=source, val_size=val_size)
 
-# %% ../nbs/11_corpus.ipynb #e15f2aab
+# %% ../nbs/11_corpus.ipynb #18cb0a48
 def list_datasets() -> list:
     "A dict for each dataset: name, tokenizer, vocab_size, token counts, source, problem (or None)"
     base, rows = data_dir('x').parent, []
@@ -389,7 +391,7 @@ def _table(rows:list) -> str:
                            f"{r['train_tokens']:>13,} {r['val_tokens']:>11,}  {r['source']}")
     return '\n'.join(lines)
 
-# %% ../nbs/11_corpus.ipynb #0a788084
+# %% ../nbs/11_corpus.ipynb #ed4e9157
 def _unknown(dataset:str) -> MunchkinError:
     "The error for a dataset name that is neither built in nor prepared"
     names = ', '.join(r['name'] for r in list_datasets() if not r['problem']) or 'none'
@@ -432,7 +434,7 @@ def prepare(dataset:str, # a built-in name or one of your own
         f"{meta['val_tokens']:,} val tokens in {final}")
     return meta
 
-# %% ../nbs/11_corpus.ipynb #59f69268
+# %% ../nbs/11_corpus.ipynb #c0339624
 def _writable(base:Path) -> Path:
     "`base`, created if needed, or an error when it cannot be written"
     try:
@@ -457,7 +459,7 @@ def is_prepared(dataset:str) -> bool:
     try: return bool(load_meta(dataset))
     except MunchkinError: return False
 
-# %% ../nbs/11_corpus.ipynb #bf6977ff
+# %% ../nbs/11_corpus.ipynb #ef4becca
 def ensure_prepared(dataset:str, source=None) -> dict:
     "The dataset's metadata, preparing it first when it is missing"
     check_name(dataset, 'dataset name')

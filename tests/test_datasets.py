@@ -36,7 +36,7 @@ def test_named_dataset_trains_and_samples_in_its_style(root, shakespeare_path):
     assert (meta['vocab_size'], meta['train_tokens'], meta['val_tokens']) == (28, 108_000, 12_000)
     assert (meta['split'], meta['documents'], meta['source']) == ('end', 2, str(books))
     r = run_script('munchkin-nb-train', 'shakespeare-char-cpu', '--dataset', 'plays_lower', '--max_iters', 200,
-                   '--name', 'lower', '--device', 'cpu', root=root)
+                   '--name', 'lower', '--device', 'cpu', root=root, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_script('munchkin-nb-generate', 'lower', '--prompt', 'the ', '--max_tokens', 200, '--device', 'cpu', root=root)
     assert r.returncode == 0, r.stderr[-2000:]
