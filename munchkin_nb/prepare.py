@@ -26,7 +26,7 @@ BUILTINS = {
 }
 TOKENIZERS = {'char': 'characters of the text', 'gpt2': "GPT-2's byte-pair encoding"}
 
-# %% ../nbs/11_corpus.ipynb #0f54d160
+# %% ../nbs/11_corpus.ipynb #00453ba0
 def tokenizer_name(meta:dict) -> str:
     "'char' or 'gpt2': the tokenizer a dataset's metadata describes"
     return 'char' if meta['tokenizer'].get('kind') == 'char' else 'gpt2'
@@ -67,7 +67,7 @@ def corpus_files(source) -> list:
         raise MunchkinError(f"source folder {str(source)!r} has no .txt, .jsonl or .jsonl.gz files")
     return files
 
-# %% ../nbs/11_corpus.ipynb #8baf8dc3
+# %% ../nbs/11_corpus.ipynb #dc400163
 _CHUNK = 1 << 20  # characters read at a time from a .txt document
 
 def _cut(text:str) -> int:
@@ -89,7 +89,7 @@ def _txt_pieces(f) -> Iterator:
         rest = text[cut:]
     if rest: yield rest
 
-# %% ../nbs/11_corpus.ipynb #23369111
+# %% ../nbs/11_corpus.ipynb #27f78d8e
 def _record(path:Path, n:int, line:str) -> str:
     "The text of line `n` of a `.jsonl` file, checked"
     bad = lambda what: MunchkinError(f"{path}:{n}: {what}; fix or remove that line")
@@ -121,7 +121,7 @@ def _pieces(path:Path) -> Iterator:
     except (OSError, EOFError) as e:
         raise MunchkinError(f"cannot read {str(path)!r} ({e}); check the file") from None
 
-# %% ../nbs/11_corpus.ipynb #ade0fd2c
+# %% ../nbs/11_corpus.ipynb #70291e9d
 def source_sha256(source) -> str:
     "SHA-256 of a file's bytes, or of a folder's text files (paths inside it, then bytes)"
     source, h = Path(source), hashlib.sha256()
@@ -145,7 +145,7 @@ def _hub_pieces(name:str='openwebtext') -> Iterator:
                             "offline, pass --source PATH to a local corpus") from None
     for doc in ds: yield doc['text'], True
 
-# %% ../nbs/11_corpus.ipynb #6e8958ba
+# %% ../nbs/11_corpus.ipynb #965242f9
 def _scan(files:list, chars:bool, source, show:bool=False) -> tuple:
     "Characters per document and, if `chars`, the set of characters, after one pass over `files`"
     doc_chars, cur, seen, has_text = [], 0, set(), False
@@ -164,7 +164,7 @@ def _scan(files:list, chars:bool, source, show:bool=False) -> tuple:
                             "token ids of uint16; use --tokenizer gpt2")
     return np.array(doc_chars, dtype=np.int64), seen
 
-# %% ../nbs/11_corpus.ipynb #a3836c7a
+# %% ../nbs/11_corpus.ipynb #1ff98abe
 _MIN_VAL_DOCS = 10  # fewer documents than this for validation: split each document's end instead
 _SEED = 2357
 
@@ -197,7 +197,7 @@ def _encode_into(items, tok, files:dict, threads:int=0, total:int=None, show:boo
         flush()
     return counts, np.array(ends_at, dtype=np.int64)
 
-# %% ../nbs/11_corpus.ipynb #60e6942f
+# %% ../nbs/11_corpus.ipynb #ec7bb019
 def _end_items(pieces, doc_chars:np.ndarray, val_size:float, eot:bool) -> Iterator:
     "`(split, text, False)` items: the end of each document to 'val', the rest to 'train'"
     doc, pos, used = 0, 0, {'train': False, 'val': False}
@@ -276,7 +276,7 @@ def _doc_items(pieces, eot:bool) -> Iterator:
         yield 'all', text, ends and not eot
         if ends and eot: yield 'all', None, True
 
-# %% ../nbs/11_corpus.ipynb #8fb1e735
+# %% ../nbs/11_corpus.ipynb #1aaf0c8c
 def _check_split(meta:dict, source, folder:Path):
     "An error when a split cannot hold one window (an input and its target) or its file is short"
     for split in ('train', 'val'):
@@ -295,7 +295,7 @@ def _sync(folder:Path):
         try: os.fsync(fd)
         finally: os.close(fd)
 
-# %% ../nbs/11_corpus.ipynb #86ec53e8
+# %% ../nbs/11_corpus.ipynb #8451ce18
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 def _swap(new:Path, old:Path, exchange:bool=True):
@@ -309,7 +309,7 @@ def _swap(new:Path, old:Path, exchange:bool=True):
     os.rename(new, old)
     os.rename(side, new)
 
-# %% ../nbs/11_corpus.ipynb #aaaa33ac
+# %% ../nbs/11_corpus.ipynb #d095d72f
 def _alive(pid:int) -> bool:
     try: os.kill(pid, 0)
     except ProcessLookupError: return False
@@ -324,16 +324,18 @@ def remove_stale_builds(base:Path):
         if m[3] == 'old' and not (base/m[1]).exists(): os.rename(p, base/m[1])
         else: shutil.rmtree(p, ignore_errors=True)
 
-# %% ../nbs/11_corpus.ipynb #c5fef98e
+# %% ../nbs/11_corpus.ipynb #17d43c14
 def _lock(dataset:str):
     "An exclusive lock on preparing `dataset`, or an error naming the process that holds it"
     return run_lock(data_dir(dataset).parent/'.locks'/dataset, 'dataset',
                     "wait for that prepare to finish, then run the command again")
 
-# %% ../nbs/11_corpus.ipynb #4a3d3267
+# %% ../nbs/11_corpus.ipynb #cae74627
 def _plan(dataset:str, source, tokenizer, val_size) -> dict:
     "The tokenizer, val_size and source a prepare of `dataset` uses, checked"
     check_name(dataset, 'dataset name')
+    if dataset.startswith('.'):  # hidden names are the builds' and the locks'
+        raise MunchkinError(f"dataset name {dataset!r} must not start with '.'; choose another")
     if tokenizer is not None and tokenizer not in TOKENIZERS:
         raise MunchkinError(f"unknown tokenizer {tokenizer!r}; use char or gpt2")
     builtin = BUILTINS.get(dataset)
@@ -343,6 +345,9 @@ def _plan(dataset:str, source, tokenizer, val_size) -> dict:
                             f"tokenizer; give {tokenizer} tokens a name of their own, e.g. {fix}")
     try: old = {} if builtin else load_meta(dataset, check=False)
     except MunchkinError: old = {}
+    if not (builtin or source or old) and _has_data(data_dir(dataset)):
+        raise MunchkinError(f"dataset {dataset!r} is damaged and its meta.json no longer names its "
+                            f"source; run munchkin-nb-prepare {dataset} --source PATH --force")
     if not builtin and not source:  # prepared again: from the source it was made from
         source = old.get('source')
         if not source: raise _unknown(dataset)
@@ -359,7 +364,7 @@ def _plan(dataset:str, source, tokenizer, val_size) -> dict:
         source = Path(source).expanduser()
     return dict(tokenizer=tokenizer or default, source=source, val_size=val_size)
 
-# %% ../nbs/11_corpus.ipynb #18cb0a48
+# %% ../nbs/11_corpus.ipynb #86ebe953
 def list_datasets() -> list:
     "A dict for each dataset: name, tokenizer, vocab_size, token counts, source, problem (or None)"
     base, rows = data_dir('x').parent, []
@@ -391,7 +396,7 @@ def _table(rows:list) -> str:
                            f"{r['train_tokens']:>13,} {r['val_tokens']:>11,}  {r['source']}")
     return '\n'.join(lines)
 
-# %% ../nbs/11_corpus.ipynb #ed4e9157
+# %% ../nbs/11_corpus.ipynb #00297028
 def _unknown(dataset:str) -> MunchkinError:
     "The error for a dataset name that is neither built in nor prepared"
     names = ', '.join(r['name'] for r in list_datasets() if not r['problem']) or 'none'
@@ -434,7 +439,7 @@ def prepare(dataset:str, # a built-in name or one of your own
         f"{meta['val_tokens']:,} val tokens in {final}")
     return meta
 
-# %% ../nbs/11_corpus.ipynb #c0339624
+# %% ../nbs/11_corpus.ipynb #fa89e12f
 def _writable(base:Path) -> Path:
     "`base`, created if needed, or an error when it cannot be written"
     try:
@@ -459,12 +464,11 @@ def is_prepared(dataset:str) -> bool:
     try: return bool(load_meta(dataset))
     except MunchkinError: return False
 
-# %% ../nbs/11_corpus.ipynb #ef4becca
+# %% ../nbs/11_corpus.ipynb #ce1b6991
 def ensure_prepared(dataset:str, source=None) -> dict:
     "The dataset's metadata, preparing it first when it is missing"
     check_name(dataset, 'dataset name')
-    ddir = data_dir(dataset)
-    if not any((ddir/f).exists() for f in ('meta.json', 'train.bin', 'val.bin')):
+    if not _has_data(data_dir(dataset)):
         if dataset not in BUILTINS and not source: raise _unknown(dataset)
         return prepare(dataset, source)
     meta = load_meta(dataset)

@@ -1,5 +1,5 @@
 "End to end: munchkin-nb-configs, and munchkin-nb-prepare on tiny Shakespeare and on a local corpus"
-import gzip, json, os
+import gzip, json
 from pathlib import Path
 import numpy as np
 import pytest
