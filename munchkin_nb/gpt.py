@@ -205,7 +205,7 @@ def shape_logits(logits, # (..., vocab) logits of the next token
         logits = logits.masked_fill(remove.scatter(-1, sorted_idx, remove), float('-inf'))
     return logits
 
-# %% ../nbs/02_gpt.ipynb #9e20d8cd
+# %% ../nbs/02_gpt.ipynb #585968a5
 def sample_next(logits, # (B, vocab) logits of the next token
                 temperature:float=1.0, # 0: greedy
                 top_k:int=None, top_p:float=None, # as in `shape_logits`
@@ -224,7 +224,7 @@ def new_caches(self:GPT, batch_size:int, device=None, dtype=None):
     kw = dict(device=device or w.device, dtype=dtype or w.dtype)
     return [KVCache(batch_size, cfg.n_head, cfg.block_size, hs, **kw) for _ in range(cfg.n_layer)]
 
-# %% ../nbs/02_gpt.ipynb #76715386
+# %% ../nbs/02_gpt.ipynb #befde7e1
 @patch
 @torch.inference_mode()
 def generate_stream(self:GPT, idx, # (B, T) prompt token ids
@@ -258,6 +258,7 @@ def generate_stream(self:GPT, idx, # (B, T) prompt token ids
         else:
             logits, _ = self(idx[:, start:])
 
+# %% ../nbs/02_gpt.ipynb #4e4d4036
 @patch
 def generate(self:GPT, idx, max_new_tokens:int, temperature:float=1.0, top_k:int=None,
              top_p:float=None, generator=None, use_cache:bool=True, keep:int=None,

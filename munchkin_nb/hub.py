@@ -36,7 +36,7 @@ def save_safetensors(tensors:dict, # name -> tensor
         f.write(h)
         for b in blobs: f.write(b)
 
-# %% ../nbs/13_gpt2_weights.ipynb #830ec7ec
+# %% ../nbs/13_gpt2_weights.ipynb #cea47ecb
 def load_safetensors(path) -> dict:
     "Read a .safetensors file into a dict of CPU tensors."
     data = Path(path).read_bytes()
@@ -86,7 +86,7 @@ def _download(name:str) -> Path:
             raise MunchkinError(f"could not download {url} ({e}); {_OFFLINE}") from None
     return d
 
-# %% ../nbs/13_gpt2_weights.ipynb #4f24b8c1
+# %% ../nbs/13_gpt2_weights.ipynb #e93bc0bb
 def _read_hf_folder(path:Path):
     "(config dict, state dict) of a Hugging Face GPT-2 folder."
     if not (path/'config.json').exists():
@@ -121,7 +121,7 @@ def _gpt_config(hf:dict, path, dropout:float) -> GPTConfig:
                      n_embd=hf['n_embd'], dropout=dropout, bias=True,
                      activation='gelu' if act == 'gelu' else 'gelu_new')
 
-# %% ../nbs/13_gpt2_weights.ipynb #c19a3fba
+# %% ../nbs/13_gpt2_weights.ipynb #1c4ed8b4
 def from_pretrained(name_or_path, # a hub name (gpt2, gpt2-medium, ...) or a local folder
                     override_args:dict=None): # only `dropout` may be overridden
     "A `GPT` with the weights of a Hugging Face GPT-2 folder or hub model."
