@@ -46,7 +46,7 @@ def dropout(x, # any tensor
     if x.device.type == 'cpu': return mask_dropout(x, p)   # fast path (kernels.py): 16 random bits
     return F.dropout(x, p, True)
 
-# %% ../nbs/01_attention.ipynb #de8333d5
+# %% ../nbs/01_attention.ipynb #4cf7efb5
 class Dropout(nn.Dropout):
     "`nn.Dropout` computed by `dropout`."
     def forward(self, x): return dropout(x, self.p, self.training)
