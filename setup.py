@@ -35,7 +35,11 @@ setuptools.setup(
         'Natural Language :: ' + cfg['language'].title(),
     ] + ['Programming Language :: Python :: '+o for o in py_versions[py_versions.index(min_python):]] + (['License :: ' + lic[1] ] if lic[1] else []),
     url = cfg['git_url'],
-    packages = setuptools.find_packages(include=['munchkin_nb', 'munchkin_nb.*']),
+    # the training configs stay at etc/training in the repository; a wheel ships them as package data
+    # (munchkin_nb/configs/*.env), which config.configs_dir() reads when the package is installed
+    packages = setuptools.find_packages(include=['munchkin_nb', 'munchkin_nb.*']) + ['munchkin_nb.configs'],
+    package_dir = {'munchkin_nb.configs': 'etc/training'},
+    package_data = {'munchkin_nb.configs': ['*.env']},
     include_package_data = True,
     install_requires = requirements,
     extras_require = extras,
