@@ -488,7 +488,8 @@ class Parser(argparse.ArgumentParser):
             known = list(self._option_string_actions)
             guess = difflib.get_close_matches(rest[0].split('=')[0], known, n=1)
             hint = f" (did you mean {guess[0]}?)" if guess else ''
-            self.error(f"unknown option {rest[0]}{hint}")
+            typed = dict(zip(_underscored(args), args)).get(rest[0], rest[0])  # as it was typed
+            self.error(f"unknown option {typed}{hint}")
         if rest: self.error(f"unexpected argument {rest[0]!r}")
         return ns
 
