@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['HELP_WIDTH', 'MunchkinError', 'run_cli', 'say', 'repo_dir', 'root_dir', 'check_name', 'data_dir', 'model_dir',
-           'offline_file', 'configs_dir', 'config_dirs', 'atomic_write', 'remove_stale_tmp', 'run_lock', 'Settings',
-           'setting_docs', 'validate', 'read_env', 'config_names', 'config_path', 'parse_overrides', 'load_settings',
-           'resolve_device', 'resolve_dtype', 'in_notebook', 'style', 'pprint_dict', 'progress', 'Parser',
-           'add_settings_options', 'settings_overrides', 'config_summary', 'configs_cli']
+           'offline_file', 'configs_dir', 'config_dirs', 'make_dir', 'atomic_write', 'remove_stale_tmp', 'run_lock',
+           'Settings', 'setting_docs', 'validate', 'read_env', 'config_names', 'config_path', 'parse_overrides',
+           'load_settings', 'resolve_device', 'resolve_dtype', 'in_notebook', 'style', 'pprint_dict', 'progress',
+           'Parser', 'add_settings_options', 'settings_overrides', 'config_summary', 'configs_cli']
 
 # %% ../nbs/10_settings.ipynb #29864456
 import os, sys, re, ast, math, typing, argparse, difflib, contextlib, linecache
@@ -96,11 +96,21 @@ def config_dirs() -> list:
     return [d for d in ([builtin] if same else [own, builtin]) if d.is_dir()]
 
 # %% ../nbs/10_settings.ipynb #473b6e92
+def make_dir(folder) -> Path:
+    "Create `folder` and its parents if missing; one that cannot be made is a `MunchkinError`"
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MunchkinError(f"cannot create folder {folder} ({e.strerror}); set MUNCHKIN_ROOT to a "
+                            "folder you can write in") from None
+    return folder
+
 @contextlib.contextmanager
 def atomic_write(path):
     "Yield a temporary path next to `path`; rename it to `path` on success, delete it on error"
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     try:
         yield tmp
@@ -127,9 +137,12 @@ def run_lock(folder, # the folder to own; created if missing
             ):
     "Hold an exclusive OS lock on `folder/.lock` while the context is open"
     import fcntl
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder/'.lock', os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child programs
+    folder = make_dir(folder)
+    try:
+        fd = os.open(folder/'.lock', os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by children
+    except OSError as e:
+        raise MunchkinError(f"cannot write in {folder} ({e.strerror}); set MUNCHKIN_ROOT to a "
+                            "folder you can write in") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
