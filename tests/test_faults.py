@@ -1,9 +1,12 @@
-"""Faults a long-running user meets: kills, Ctrl-C, hostile or damaged files, bad arguments, diverging
-runs. Each drives the real console scripts as subprocesses and checks what is left on disk."""
-import json, os, shlex, signal, subprocess, sys, threading, time
+"""Faults a long-running user meets: signals, kills, closed pipes, two trainers at once, hostile or damaged files,
+bad arguments, diverging runs. Each drives the real console scripts as subprocesses (the table of bad arguments
+calls them in this process) and checks what is left on disk."""
+import importlib, json, os, shlex, signal, subprocess, sys, threading, time
+from types import SimpleNamespace
 from pathlib import Path
 import numpy as np
 import pytest
+import torch
 from functools import partial
 from conftest import bpe_available, BIN, run_script, assert_one_line_error
 _one_line_error = partial(assert_one_line_error, midway=True)  # a run's progress output may come before its error
@@ -192,14 +195,17 @@ def test_head_closes_the_pipe(root):
     assert p.returncode == 0 and 'Traceback' not in err and 'Exception ignored' not in err, err[-2000:]
     assert _load(root/'models'/'head'/'last.pt')['iter_num'] == 60 and (root/'models'/'head'/'checkpoint.pt').exists()
 
-def test_two_trainers_on_one_run(root):
-    "A second trainer on a run in use exits 2 naming the first one's PID and writes nothing; after it, the run goes on"
+def test_two_trainers_on_one_run(root, capsys):
+    """A second trainer on a run in use exits 2 naming the first one's PID and writes nothing; after it, the run goes
+    on (the second trainers run in this process: an flock held by another open file conflicts all the same)"""
     a = _start(root, *_train_args('shared', 100000, 100000, '--log_interval', '1'))   # no eval after 0
     _wait_for(a.stdout, 'iter 5/', a)
+    threads = torch.get_num_threads()
     for extra in ([], ['--overwrite', 'True'], ['--seed', '7']):
-        r = run_script('munchkin-nb-train', *_train_args('shared', 100, 50, *extra), root=root)
+        r = _in_process('munchkin-nb-train', _train_args('shared', 100, 50, *extra), capsys)
         _one_line_error(r, f'is in use by process {a.pid}', 'pick another --name')
         assert r.stdout == ''
+    torch.set_num_threads(threads)
     a.send_signal(signal.SIGTERM)
     _, err = a.communicate(timeout=60)
     assert a.returncode == 143, err[-2000:]
@@ -209,14 +215,14 @@ def test_two_trainers_on_one_run(root):
     assert len({rec['run'] for rec in _metrics(root, 'shared')}) == 2   # one line of records per process, none from the refused
 
 def test_sigkill_at_any_moment_then_resume(root):
-    """SIGKILL ten times, half of them while a checkpoint is being written: both files on disk always load with
+    """SIGKILL six times, half of them while a checkpoint is being written: both files on disk always load with
     weights_only=True, --init_from resume goes on from last.pt and finishes, iterations never go back"""
     mdir = root/'models'/'killed'
     last, best = mdir/'last.pt', mdir/'checkpoint.pt'
     env = {**os.environ, 'MUNCHKIN_ROOT': str(root)}
     during_write, iters = 0, []
     rng = np.random.default_rng(0)
-    for i in range(10):
+    for i in range(6):
         args = _train_args('killed', 100000, 15, *(['--init_from', 'resume'] if last.exists() else []))
         p = subprocess.Popen([BIN/'munchkin-nb-train', *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         t0, mtime = time.time(), last.stat().st_mtime_ns if last.exists() else 0
@@ -236,7 +242,7 @@ def test_sigkill_at_any_moment_then_resume(root):
         assert {'model', 'optimizer', 'rng', 'sampler', 'iter_num'} <= set(c)
         assert _load(best)['best_val_loss'] == c['best_val_loss'] or _load(best)['iter_num'] != c['iter_num']
         iters.append(c['iter_num'])
-    assert during_write >= 4, f'only {during_write} kills landed during a checkpoint write'
+    assert during_write >= 2, f'only {during_write} kills landed during a checkpoint write'
     assert iters == sorted(iters) and iters[-1] > iters[0], f'no progress across resumes: {iters}'
     # resume once more and finish a few evals later
     target = iters[-1] + 30
@@ -260,7 +266,7 @@ def test_soak_twenty_random_signals(root):
         if rng.random() < 0.3: time.sleep(rng.uniform(0.1, 3.0))   # any moment: in start-up, often
         else:   # a moment of training: an eval, a checkpoint write, a step
             _wait_for(p.stdout, 'iter ', p)
-            time.sleep(rng.uniform(0.0, 1.5))
+            time.sleep(rng.uniform(0.0, 1.0))
         p.send_signal(sig)
         _, err = p.communicate(timeout=120)
         assert p.returncode in (128 + sig, -sig), (signal.Signals(sig).name, p.returncode, err[-2000:])
@@ -310,12 +316,12 @@ def test_hostile_checkpoint_runs_no_code(root, trained):
     ckpt, _ = trained
     marker = root/'pwned'
     for f in _both(ckpt): torch.save({'model': _Evil(marker), 'model_args': {}}, f)
-    evil = ckpt.read_bytes()
+    evil = [f.read_bytes() for f in _both(ckpt)]
     for cmd in _every_reader(root):
         r = run_script(*cmd, root=root)
         _one_line_error(r, 'refusing to load it')
         assert not marker.exists(), f'{cmd[0]} ran code from a checkpoint'
-        assert all(f.read_bytes() == evil for f in _both(ckpt)), f'{cmd[0]} overwrote a checkpoint'
+        assert [f.read_bytes() for f in _both(ckpt)] == evil, f'{cmd[0]} overwrote a checkpoint'
 
 def test_checkpoint_of_the_wrong_shape(root, trained):
     "A file of tensors and plain values that is not a checkpoint's structure: one line at load, from every reader"
@@ -356,14 +362,14 @@ def test_scratch_over_a_run_is_refused(root, trained):
     assert _load(ckpt)['iter_num'] == 10 and ckpt.read_bytes() != good
     assert not old & {rec['run'] for rec in _metrics(root, 'victim')}
 
-def test_bad_env_file(root, tmp_path):
+def test_bad_env_file(root, tmp_path, capsys):
     for text, msg in (('N_LAYER=2\nN_LAYRE=3\n', "unknown setting 'n_layre'; valid settings: dataset"),
                       ('MAX_ITERS=many\n', "max_iters='many' is not an integer"),
                       ('COMPILE=sometimes\n', "compile='sometimes' is not True or False"),
                       ('just words\n', 'expected KEY=value')):
         env = tmp_path/'my.env'
         env.write_text(text)
-        _one_line_error(run_script('munchkin-nb-train', env, '--device', 'cpu', root=root), msg)
+        _one_line_error(_in_process('munchkin-nb-train', [env, '--device', 'cpu'], capsys), msg)
     assert not (root/'models').exists() or not any((root/'models').iterdir())
 
 BAD_ARGS = [
@@ -379,7 +385,7 @@ BAD_ARGS = [
     ('munchkin-nb-train', ['shakespeare-char-cpu', '--n_head', '3'], 'not divisible by n_head=3'),
     ('munchkin-nb-train', ['shakespeare-char-cpu', '--device', 'cuda'], 'no CUDA GPU'),
     ('munchkin-nb-train', ['shakespeare-char-cpu', '--name', 'never-trained', '--init_from', 'resume'], 'no checkpoint for'),
-    ('munchkin-nb-train', ['shakespeare-char-cpu', '--name', '..'], "run name '..' must be letters"),
+    ('munchkin-nb-train', ['shakespeare-char-cpu', '--name', '..'], "run name '..' must be"),
     ('munchkin-nb-train', ['shakespeare-char-cpu', '--threads', '-1'], 'threads=-1'),
     ('munchkin-nb-train', ['shakespeare-char-cpu', '--seed', '-5'], 'seed=-5'),
     ('munchkin-nb-train', ['shakespeare-char-cpu', '--seed', '5000000000'], 'seed=5000000000'),
@@ -400,13 +406,33 @@ BAD_ARGS = [
     ('munchkin-nb-bench', ['--config', 'no-such-config'], "unknown config 'no-such-config'"),
 ]
 
-def test_bad_arguments_every_script(root, trained):
-    "One clear line, exit code 2, no traceback, nothing written, for each bad input of each console script"
+def _entry_points() -> dict:
+    "Console script name -> its function, from settings.ini"
+    import configparser
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parent.parent/'settings.ini')
+    pairs = (line.split('=') for line in cfg['DEFAULT']['console_scripts'].split())
+    return {name: target.split(':') for name, target in pairs}
+
+def _in_process(script:str, args:list, capsys) -> SimpleNamespace:
+    "Run console script `script` in this process (no interpreter start-up): its exit code and output"
+    module, fn = _entry_points()[script]
+    capsys.readouterr()
+    try: code = getattr(importlib.import_module(module), fn)([str(a) for a in args]) and 0
+    except SystemExit as e: code = e.code
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+def test_bad_arguments_every_script(root, trained, capsys):
+    """One clear line, exit code 2, no traceback, nothing written, for each bad input of each console script
+    (in this process: the scripts as subprocesses are tested above and in test_cli.py)"""
     before = sorted(str(p.relative_to(root)) for p in root.rglob('*'))
+    threads = torch.get_num_threads()
     failures = []
     for script, args, msg in BAD_ARGS:
-        r = run_script(script, *args, root=root)
+        r = _in_process(script, args, capsys)
         try: _one_line_error(r, msg)
         except AssertionError as e: failures.append(f'{script} {" ".join(args)}: {e}')
+    torch.set_num_threads(threads)
     assert not failures, '\n'.join(failures)
     assert sorted(str(p.relative_to(root)) for p in root.rglob('*')) == before, 'a failed command wrote files'
