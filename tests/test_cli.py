@@ -35,8 +35,9 @@ def parser_of(script:str) -> Parser:
     return p
 
 def _positionals(p:Parser) -> list:
-    "A value for each positional argument"
-    return [str((a.choices and list(a.choices)[0]) or 'x') for a in p._actions if not a.option_strings]
+    "A value for each required positional argument"
+    return [str((a.choices and list(a.choices)[0]) or 'x') for a in p._actions
+            if not a.option_strings and a.nargs not in ('?', '*')]
 
 def _value(action) -> list:
     "A value `action` accepts and that differs from its default ([] for a flag)"
@@ -93,6 +94,8 @@ def test_scripts_that_compute_take_threads(script):
     ns = Parser.parse_args(p, [*_positionals(p), '--threads', '3'])
     assert str(ns.threads) == '3'
 
+NOTHING_TO_DO = {'munchkin-nb-prepare': 'give a dataset NAME (or --list)'}
+
 @pytest.mark.parametrize('script', sorted(SCRIPTS))
 def test_as_a_user_runs_them(script, tmp_path):
     "The installed console script itself: --help on a 40-column terminal, and a mistake"
@@ -105,4 +108,6 @@ def test_as_a_user_runs_them(script, tmp_path):
     r = run_script(script, *([] if needs_args else ['--no-such-option']), root=tmp_path)
     assert_one_line_error(r, 'the following arguments are required' if needs_args else 'unknown option --no-such-option',
                           f'see {script} --help')
+    if script in NOTHING_TO_DO:   # an optional positional, yet nothing given: the same one line
+        assert_one_line_error(run_script(script, root=tmp_path), NOTHING_TO_DO[script], f'see {script} --help')
     assert not any(tmp_path.iterdir()), 'a mistake wrote files'

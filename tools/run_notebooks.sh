@@ -24,8 +24,17 @@ for name in "${ORDER[@]}"; do
   [ -f "nbs/$name.ipynb" ] || continue
   if [ ${#WANT[@]} -gt 0 ] && [[ " ${WANT[*]} " != *" $name "* ]]; then continue; fi
   start=$SECONDS
-  jupyter nbconvert --to notebook --execute --inplace --log-level=WARN \
-    --ExecutePreprocessor.timeout=-1 "nbs/$name.ipynb"
+  # nbclient with coalesce_streams: a streamed sample is saved as one output, not one per token
+  python - "nbs/$name.ipynb" <<'PY'
+import sys, nbformat
+from pathlib import Path
+from nbclient import NotebookClient
+path = Path(sys.argv[1])
+nb = nbformat.read(path, as_version=4)
+NotebookClient(nb, timeout=None, kernel_name='python3', coalesce_streams=True,
+               resources={'metadata': {'path': str(path.parent)}}).execute()
+nbformat.write(nb, path)
+PY
   echo "$name: $((SECONDS - start)) s, $(du -k "nbs/$name.ipynb" | cut -f1) KB"
 done
 nbdev_clean
