@@ -48,11 +48,11 @@ class Dist:
     @property
     def master(self) -> bool: return self.rank == 0
 
-# %% ../nbs/03_train.ipynb #31a8c402
+# %% ../nbs/03_train.ipynb #42891cfd
 class TrainingDiverged(MunchkinError):
     "The loss became NaN or infinite"
 
-# %% ../nbs/03_train.ipynb #49627880
+# %% ../nbs/03_train.ipynb #b9503cef
 _PTDTYPE = dict(float32=torch.float32, bfloat16=torch.bfloat16, float16=torch.float16)
 
 def autocast_ctx(device:str, dtype:str):
@@ -71,7 +71,7 @@ def dataset_vocab(s:Settings, meta:dict) -> int:
         return s.vocab_size
     return v if meta['tokenizer']['kind'] == 'char' else (v + 63) // 64 * 64
 
-# %% ../nbs/03_train.ipynb #7304e364
+# %% ../nbs/03_train.ipynb #bf0f6ecd
 def build_model(s:Settings, meta:dict, ckpt:dict=None):
     "The GPT to train (`scratch`, GPT-2 weights, or `ckpt` when resuming) and its config as a dict"
     if s.init_from == 'resume': model = model_from_checkpoint(ckpt, dropout=s.dropout)
@@ -86,7 +86,7 @@ def build_model(s:Settings, meta:dict, ckpt:dict=None):
         if s.block_size < model.config.block_size: model.crop_block_size(s.block_size)
     return model, asdict(model.config)
 
-# %% ../nbs/03_train.ipynb #c0ebc329
+# %% ../nbs/03_train.ipynb #d615f52e
 def check_wandb(s:Settings):
     "Fail early when wandb logging is asked for but wandb is not installed"
     if not s.wandb_log: return
@@ -123,7 +123,7 @@ class Trainer:
         self.evaluated = self.saved_iter = self.stop_signal = self.stopped_by = None
         self.history, self.hard_exit, self.run_id = [], False, f"{time.time():.0f}-{os.getpid()}"
 
-# %% ../nbs/03_train.ipynb #ce857e82
+# %% ../nbs/03_train.ipynb #15858450
 @patch
 def _device(self:Trainer):
     "The device and dtype this run uses, checked"
@@ -142,7 +142,7 @@ def _device(self:Trainer):
         raise MunchkinError("dtype bfloat16 is not supported on this GPU; use --dtype float16")
     return device, dtype
 
-# %% ../nbs/03_train.ipynb #e46efc0f
+# %% ../nbs/03_train.ipynb #01abbe71
 def _describe_run(path:Path) -> str:
     "A run's latest iteration and best val loss, read cheaply from its checkpoint"
     try: ck = load_checkpoint(path, mmap=True)
@@ -150,7 +150,7 @@ def _describe_run(path:Path) -> str:
     best = ck.get('best_val_loss', float('nan'))
     return f"iteration {ck.get('iter_num', '?')}, best val loss {best:.4f}"
 
-# %% ../nbs/03_train.ipynb #dd9998e9
+# %% ../nbs/03_train.ipynb #ffa6c9ff
 @patch
 def _check_run(self:Trainer):
     "Resuming needs a checkpoint; starting afresh must not replace one (unless `overwrite`)"
@@ -164,7 +164,7 @@ def _check_run(self:Trainer):
                             f"{self.out_dir}; continue it with --init_from resume, or start again "
                             "with --overwrite True (which deletes it)")
 
-# %% ../nbs/03_train.ipynb #441f672c
+# %% ../nbs/03_train.ipynb #23afb162
 def _wait_prepared(dataset:str, timeout:float=3600) -> dict:
     "Under DDP, processes other than rank 0 wait while rank 0 prepares the dataset"
     t0 = time.time()
@@ -175,7 +175,7 @@ def _wait_prepared(dataset:str, timeout:float=3600) -> dict:
         time.sleep(1)
     return load_meta(dataset)
 
-# %% ../nbs/03_train.ipynb #ef732f8c
+# %% ../nbs/03_train.ipynb #69ce3adc
 @patch
 def _dataset(self:Trainer) -> dict:
     "The dataset's metadata (prepared first, from `source` when given); each split outlasts a block"
@@ -183,7 +183,7 @@ def _dataset(self:Trainer) -> dict:
     if not self.dist.master: return _wait_prepared(s.dataset)
     return check_block_size(ensure_prepared(s.dataset, s.source or None), s.block_size)
 
-# %% ../nbs/03_train.ipynb #6fd1be0b
+# %% ../nbs/03_train.ipynb #5a53ef28
 @patch
 def _open_run(self:Trainer):
     "Lock the run folder for this process's life; return the checkpoint to resume from, or None"
@@ -205,7 +205,7 @@ def _open_run(self:Trainer):
     check_fit(ckpt, want, self.meta['tokenizer'], self.resume_from)
     return ckpt
 
-# %% ../nbs/03_train.ipynb #3bb9f7a7
+# %% ../nbs/03_train.ipynb #1a28376e
 @patch
 def close(self:Trainer):
     "Release the run folder (removing it when this trainer made it and never started)"
@@ -248,13 +248,13 @@ def setup(self:Trainer):
     self.model = torch.compile(self.raw_model) if s.compile else self.raw_model
     if d.ddp: self.model = wrap_ddp(self.model, d, self.device_type)
 
-# %% ../nbs/03_train.ipynb #d3f07c29
+# %% ../nbs/03_train.ipynb #a77b98fd
 def get_batch(sampler):
     "A batch from `sampler`, contiguous (the sampler's windows are views of one buffer)"
     x, y = sampler.get_batch()
     return x.contiguous(), y.contiguous()
 
-# %% ../nbs/03_train.ipynb #06e20188
+# %% ../nbs/03_train.ipynb #bbc74ac8
 @patch
 def step(self:Trainer) -> torch.Tensor:
     "One iteration: set the learning rate; batch, forward, backward per micro-step; clip; step"
@@ -283,12 +283,12 @@ def bits_per_byte(loss:float, # mean loss, nats per token
     "Bits per byte: nats per token x tokens per byte / ln 2"
     return loss * (tokens / nbytes) / math.log(2)
 
-# %% ../nbs/03_train.ipynb #b6e97a0a
+# %% ../nbs/03_train.ipynb #b5c7bb90
 def _reseed(sampler, seed:int):
     "Put `sampler` back at the start of the batches of `seed`"
     sampler.load_state_dict({'generator': torch.Generator().manual_seed(seed).get_state()})
 
-# %% ../nbs/03_train.ipynb #e3aea90c
+# %% ../nbs/03_train.ipynb #b77ffee1
 @torch.no_grad()
 def estimate_loss(model, samplers:dict, eval_iters:int, ctx=contextlib.nullcontext(), seed:int=1337,
                   show:bool=True, tbytes=None, stop=None) -> dict:
@@ -341,7 +341,7 @@ def evaluate(self:Trainer):
     if not all(math.isfinite(v) for v in r.values()): self.diverged(f"eval losses {r}")
     return dict(kind='eval', iter=self.iter_num, **r, time=time.time())
 
-# %% ../nbs/03_train.ipynb #bad99d5d
+# %% ../nbs/03_train.ipynb #5b5b7c1f
 @patch
 def diverged(self:Trainer, what:str):
     "Stop: the loss is not finite (the checkpoints are left as they are)"
@@ -349,11 +349,11 @@ def diverged(self:Trainer, what:str):
                            f"checkpoints in {self.out_dir} were not overwritten; lower "
                            "learning_rate or raise warmup_iters and train again")
 
-# %% ../nbs/03_train.ipynb #ef9ebdb8
+# %% ../nbs/03_train.ipynb #b7553307
 @patch
 def _stop_asked(self:Trainer) -> bool: return self.stop_signal is not None
 
-# %% ../nbs/03_train.ipynb #ec60db64
+# %% ../nbs/03_train.ipynb #38e57e9f
 @patch
 def state_dict(self:Trainer) -> dict:
     "Everything needed to continue this run exactly"
@@ -364,7 +364,7 @@ def state_dict(self:Trainer) -> dict:
                 scaler=self.scaler.state_dict(), rng=rng_state(), sampler=self.sampler.state_dict(),
                 run=self.run_id)
 
-# %% ../nbs/03_train.ipynb #0cce0e8f
+# %% ../nbs/03_train.ipynb #799ce723
 @patch
 def save(self:Trainer, best:bool=False):
     "Write `last.pt`, and `checkpoint.pt` too when `best` (the master process only)"
@@ -377,14 +377,14 @@ def save(self:Trainer, best:bool=False):
     else: save_checkpoint(ckpt, last_path(name))
     self.saved_iter = self.iter_num
 
-# %% ../nbs/03_train.ipynb #5b15b2ac
+# %% ../nbs/03_train.ipynb #a95d5233
 def _best_on_disk(name:str) -> tuple:
     "The best val loss and its iteration recorded in run `name`'s `checkpoint.pt` (inf if none)"
     try: ck = load_checkpoint(checkpoint_path(name), mmap=True)
     except MunchkinError: return float('inf'), None
     return ck.get('best_val_loss', float('inf')), ck.get('best_iter', ck.get('iter_num'))
 
-# %% ../nbs/03_train.ipynb #c68e37d8
+# %% ../nbs/03_train.ipynb #dcf2f7bc
 @patch
 def restore(self:Trainer, ckpt:dict):
     "Continue from `ckpt`: optimizer, scaler, iteration, best val loss, random states, sampler"
@@ -411,7 +411,7 @@ def restore(self:Trainer, ckpt:dict):
     records = read_metrics(self.out_dir/'metrics.jsonl') if d.master else []
     self.history = history_at(records, self.iter_num, self.evaluated is not None)
 
-# %% ../nbs/03_train.ipynb #03eaded3
+# %% ../nbs/03_train.ipynb #3e07f791
 def read_metrics(path) -> list:
     "The records of a `metrics.jsonl` (lines that are not complete JSON objects are skipped)"
     out = []
@@ -422,7 +422,7 @@ def read_metrics(path) -> list:
         if isinstance(rec, dict) and isinstance(rec.get('iter'), int): out.append(rec)
     return out
 
-# %% ../nbs/03_train.ipynb #2dd7a683
+# %% ../nbs/03_train.ipynb #8b4cd185
 def history_at(records:list, iter_num:int, evaluated:bool=False) -> list:
     "The log and eval records leading to a checkpoint at `iter_num` (`evaluated`: with its eval)"
     def before(r, it, ev): return r['iter'] < it or (ev and r['kind'] == 'eval' and r['iter'] == it)
@@ -440,7 +440,7 @@ class Callback:
     def on_eval(self, tr, rec:dict): pass
     def on_end(self, tr): pass
 
-# %% ../nbs/03_train.ipynb #901c325e
+# %% ../nbs/03_train.ipynb #07951224
 class MetricsFile(Callback):
     "Every record in `models/<name>/metrics.jsonl`, each naming the run (process) that wrote it"
     def on_start(self, tr):
@@ -485,7 +485,7 @@ def plot_losses(history:list, ax=None, title:str=None):
     if logs or evals: ax.legend(loc='upper right')
     return ax
 
-# %% ../nbs/03_train.ipynb #79326601
+# %% ../nbs/03_train.ipynb #6514ced0
 class LossPNG(Callback):
     "Redraw `models/<name>/loss.png` at an eval when `every` seconds have passed, and at the end"
     def __init__(self, every:float=30.0): self.every, self.drawn, self.last = every, None, time.time()
@@ -502,7 +502,7 @@ class LossPNG(Callback):
         with atomic_write(tr.out_dir/'loss.png') as tmp: self.fig.savefig(tmp, format='png', dpi=90)
         self.drawn, self.last = tr.iter_num, time.time()
 
-# %% ../nbs/03_train.ipynb #ffb55684
+# %% ../nbs/03_train.ipynb #617e484b
 class LivePlot(Callback):
     "Loss curves in the notebook, redrawn in place at each eval and at most every `every` s on logs"
     def __init__(self, every:float=1.0): self.every, self.last, self.handle = every, 0.0, None
@@ -526,7 +526,7 @@ class LivePlot(Callback):
     def on_end(self, tr):
         if self.handle is not None: self.draw(tr)
 
-# %% ../nbs/03_train.ipynb #5ccd2263
+# %% ../nbs/03_train.ipynb #7b2b0cbc
 class Wandb(Callback):
     "Log evals and training losses to Weights & Biases"
     def on_start(self, tr):
@@ -542,13 +542,13 @@ class Wandb(Callback):
                       **bpb})
     def on_end(self, tr): self.run.finish()
 
-# %% ../nbs/03_train.ipynb #252d4119
+# %% ../nbs/03_train.ipynb #b38a365b
 def _hms(secs:float) -> str:
     "`secs` as h:mm:ss or m:ss"
     m, sec = divmod(int(round(secs)), 60)
     return f"{m // 60}:{m % 60:02d}:{sec:02d}" if m >= 60 else f"{m}:{sec:02d}"
 
-# %% ../nbs/03_train.ipynb #90c57051
+# %% ../nbs/03_train.ipynb #db9cf54f
 @patch
 def _peak_flops(self:Trainer) -> float:
     "This device's measured matmul FLOP/s (without touching the random state training uses)"
@@ -558,7 +558,7 @@ def _peak_flops(self:Trainer) -> float:
         if cuda: return measure_matmul_peak(self.device, _PTDTYPE[self.dtype])
         return measure_matmul_peak(self.device, torch.float32, n=1024, reps=3)
 
-# %% ../nbs/03_train.ipynb #9356602f
+# %% ../nbs/03_train.ipynb #2d8d0e6d
 @patch
 def _mfu(self:Trainer, per_iter:float) -> float:
     "Running MFU (as nanoGPT's: an average over logs), never above 1"
@@ -572,7 +572,7 @@ def _mfu(self:Trainer, per_iter:float) -> float:
     self.mfu = m if self.mfu == -1.0 else 0.9 * self.mfu + 0.1 * m
     return self.mfu
 
-# %% ../nbs/03_train.ipynb #348f0f04
+# %% ../nbs/03_train.ipynb #6a89be1a
 @patch
 def log(self:Trainer, lossf:float):
     "The log line and record of this iteration: loss, progress, ETA, time per step, MFU, lr"
@@ -594,7 +594,7 @@ def log(self:Trainer, lossf:float):
     self._call('on_log', rec)
     self.clock['plots and logs'] += time.perf_counter() - t0
 
-# %% ../nbs/03_train.ipynb #b1511474
+# %% ../nbs/03_train.ipynb #fdb6b7b6
 @patch
 def settings_in_effect(self:Trainer) -> dict:
     "The settings as used: device, dtype and threads resolved, the dataset's split and vocabulary"
@@ -603,7 +603,7 @@ def settings_in_effect(self:Trainer) -> dict:
             'threads': self.threads, 'val_size': self.meta.get('val_size', self.settings.val_size),
             'vocab_size': a['vocab_size'], 'block_size': a['block_size']}
 
-# %% ../nbs/03_train.ipynb #d56fc4b0
+# %% ../nbs/03_train.ipynb #ba86bce3
 @patch
 def _section(self:Trainer, d:dict, title:str):
     "Print a titled section of `key: value` lines (dropped when stdout has gone)"
@@ -611,13 +611,13 @@ def _section(self:Trainer, d:dict, title:str):
     pprint_dict(d, title, file=buf)
     self.print(buf.getvalue(), end='')
 
-# %% ../nbs/03_train.ipynb #05d9c70c
+# %% ../nbs/03_train.ipynb #e6026f28
 @patch
 def print(self:Trainer, *args, **kw):
     "Print on the master process unless quiet; a closed stdout never stops the run"
     if self.dist.master and not self.quiet: say(*args, **kw)
 
-# %% ../nbs/03_train.ipynb #54a5f4e5
+# %% ../nbs/03_train.ipynb #172b0704
 STOP_SIGNALS = ('SIGINT', 'SIGTERM', 'SIGHUP')
 
 def _quit_now(signum:int):
@@ -628,7 +628,7 @@ def _quit_now(signum:int):
     except OSError: pass
     os._exit(128 + signum)
 
-# %% ../nbs/03_train.ipynb #4664bfc5
+# %% ../nbs/03_train.ipynb #f56388ff
 @patch
 @contextlib.contextmanager
 def _signals(self:Trainer):
@@ -648,7 +648,7 @@ def _signals(self:Trainer):
     finally:
         for sig, h in old.items(): signal.signal(sig, h)
 
-# %% ../nbs/03_train.ipynb #157af1ab
+# %% ../nbs/03_train.ipynb #49105369
 @patch
 def _should_stop(self:Trainer) -> bool:
     "Whether a stop signal arrived here (or, under DDP, at any process: all stop together)"
@@ -658,7 +658,7 @@ def _should_stop(self:Trainer) -> bool:
     if flag.item() and self.stop_signal is None: self.stop_signal = int(flag.item())
     return bool(flag.item())
 
-# %% ../nbs/03_train.ipynb #ea4208c4
+# %% ../nbs/03_train.ipynb #c81bedda
 @patch
 def _stopped(self:Trainer):
     "After a stop signal: `last.pt` written at this iteration (if anything is new), one line"
@@ -687,7 +687,7 @@ def run(self:Trainer):
     finally: self._end()
     return self
 
-# %% ../nbs/03_train.ipynb #625753c2
+# %% ../nbs/03_train.ipynb #f543e97a
 @patch
 def _loop(self:Trainer):
     s = self.settings
@@ -709,7 +709,7 @@ def _loop(self:Trainer):
         if log_now: self.log(lossf)
         self.iter_num += 1
 
-# %% ../nbs/03_train.ipynb #ca6e8488
+# %% ../nbs/03_train.ipynb #40e06ee7
 @patch
 @contextlib.contextmanager
 def timed(self:Trainer, phase:str):
@@ -718,7 +718,7 @@ def timed(self:Trainer, phase:str):
     try: yield
     finally: self.clock[phase] += time.perf_counter() - t0
 
-# %% ../nbs/03_train.ipynb #0c8d5823
+# %% ../nbs/03_train.ipynb #ae996283
 @patch
 def _eval_and_save(self:Trainer):
     "The eval of this iteration: losses, `checkpoint.pt` when val improved, `last.pt`, the line"
@@ -739,7 +739,7 @@ def _eval_and_save(self:Trainer):
         self.history.append(rec)
         self._call('on_eval', rec)
 
-# %% ../nbs/03_train.ipynb #8de1b152
+# %% ../nbs/03_train.ipynb #2d64a843
 @patch
 def _eval_line(self:Trainer, rec:dict) -> str:
     "The eval's line: losses, bits per byte and what was saved"
@@ -750,7 +750,7 @@ def _eval_line(self:Trainer, rec:dict) -> str:
     if rec['best']: return f"{line}; new best, saved {checkpoint_path(self.settings.name).name}"
     return f"{line}; the best is still {self.best_val_loss:.4f} (iteration {self.best_iter})"
 
-# %% ../nbs/03_train.ipynb #553d8744
+# %% ../nbs/03_train.ipynb #898a4023
 @patch
 def _start(self:Trainer):
     "A fresh run's old files go; the callbacks start; the settings, setup and optimizer are printed"
@@ -766,7 +766,7 @@ def _start(self:Trainer):
     self._report_start()
     self._call('on_start')
 
-# %% ../nbs/03_train.ipynb #81dd487d
+# %% ../nbs/03_train.ipynb #378cc423
 @patch
 def _report_start(self:Trainer):
     "The settings in effect, then nanoGPT's Training Setup and Optimizer sections"
@@ -789,20 +789,20 @@ def _report_start(self:Trainer):
     self._section(opt, 'Optimizer')
     self.print(style('\n\nTraining\n========', 'yellow'))
 
-# %% ../nbs/03_train.ipynb #56f33062
+# %% ../nbs/03_train.ipynb #3d7fa569
 @patch
 def default_callbacks(self:Trainer) -> list:
     "A loss.png refreshed at each eval, and a live plot in notebooks"
     return [LossPNG()] + ([LivePlot()] if in_notebook() else [])
 
-# %% ../nbs/03_train.ipynb #1db52f8f
+# %% ../nbs/03_train.ipynb #ece9276a
 @patch
 def _call(self:Trainer, hook:str, *args):
     if not self.dist.master or not self.started: return
     for cb in self.callbacks:
         if hasattr(cb, hook): getattr(cb, hook)(self, *args)
 
-# %% ../nbs/03_train.ipynb #32dbf145
+# %% ../nbs/03_train.ipynb #024aed31
 @patch
 def _finish(self:Trainer):
     "The end of a run: `last.pt` up to date, the ranks compared under DDP, the summary"
@@ -813,14 +813,14 @@ def _finish(self:Trainer):
         with self.timed('checkpoints'): self.save()
     self.print(self.summary())
 
-# %% ../nbs/03_train.ipynb #a678a877
+# %% ../nbs/03_train.ipynb #801a1466
 @patch
 def phases(self:Trainer) -> dict:
     "Seconds of wall time so far, by phase (`PHASES`, then the rest as 'other', and the 'total')"
     wall = time.time() - self.t_launch
     return {**self.clock, 'other': max(0.0, wall - sum(self.clock.values())), 'total': wall}
 
-# %% ../nbs/03_train.ipynb #db16dc3a
+# %% ../nbs/03_train.ipynb #a4f6004e
 @patch
 def summary(self:Trainer) -> str:
     "The closing report: time by phase, the best val loss, where the files are, what to try next"
@@ -838,7 +838,7 @@ def summary(self:Trainer) -> str:
                       *([f"Loss curves: {png}"] if png.exists() else []),
                       f"Try it: munchkin-nb-generate {s.name}"])
 
-# %% ../nbs/03_train.ipynb #bd23fc49
+# %% ../nbs/03_train.ipynb #612cdc92
 @patch
 def end_record(self:Trainer) -> dict:
     "The last record of a run in metrics.jsonl"
@@ -846,7 +846,7 @@ def end_record(self:Trainer) -> dict:
     return dict(kind='end', iter=self.iter_num, stopped_by=sig, best_val_loss=self.best_val_loss,
                 best_iter=self.best_iter, phases=self.phases(), time=time.time())
 
-# %% ../nbs/03_train.ipynb #8ffcf987
+# %% ../nbs/03_train.ipynb #6ce5f0b8
 @patch
 def _end(self:Trainer):
     "However the run ends: the callbacks' `on_end`, DDP torn down, the run folder released"
@@ -865,7 +865,7 @@ def dist_from_env(environ=None) -> Dist:
     if int(environ.get('RANK', -1)) == -1: return Dist()
     return Dist(True, int(environ['RANK']), int(environ['LOCAL_RANK']), int(environ['WORLD_SIZE']))
 
-# %% ../nbs/03_train.ipynb #7317494f
+# %% ../nbs/03_train.ipynb #ed010b56
 def setup_dist(s:Settings, device:str, dist:Dist) -> str:
     "Start the process group; return this process's device"
     is_cuda = device.startswith('cuda')
@@ -881,19 +881,19 @@ def setup_dist(s:Settings, device:str, dist:Dist) -> str:
     torch.distributed.init_process_group(backend, rank=dist.rank, world_size=dist.world_size)
     return device
 
-# %% ../nbs/03_train.ipynb #501a39a1
+# %% ../nbs/03_train.ipynb #8b3904ae
 def wrap_ddp(model, dist:Dist, device_type:str):
     "`model` in `DistributedDataParallel`"
     from torch.nn.parallel import DistributedDataParallel as DDP
     return DDP(model, device_ids=[dist.local_rank] if device_type == 'cuda' else None)
 
-# %% ../nbs/03_train.ipynb #8058e6b0
+# %% ../nbs/03_train.ipynb #bc0c0148
 @torch.no_grad()
 def _param_checksum(model) -> torch.Tensor:
     ps = list(model.parameters())
     return torch.stack([p.double().sum() for p in ps] + [p.double().abs().sum() for p in ps])
 
-# %% ../nbs/03_train.ipynb #f52b451b
+# %% ../nbs/03_train.ipynb #edb4d59c
 @patch
 def _check_ranks(self:Trainer):
     "Under DDP: check that every process ends with the same parameters"
@@ -909,20 +909,20 @@ def train(settings:Settings, callbacks=None, quiet:bool=False) -> Trainer:
     "Train a GPT with `settings`; `callbacks` replace the default plots (not metrics.jsonl)"
     return Trainer(settings, callbacks=callbacks, quiet=quiet, dist=dist_from_env()).run()
 
-# %% ../nbs/03_train.ipynb #71059e10
+# %% ../nbs/03_train.ipynb #f2dba501
 def _parser(prog:str, description:str) -> Parser:
     p = Parser(prog, description)
     p.add_argument('config', help="config name (see munchkin-nb-configs) or a path to a .env file")
     return add_settings_options(p)
 
-# %% ../nbs/03_train.ipynb #c1ca91d2
+# %% ../nbs/03_train.ipynb #e979c47d
 def _resume_command(config:str, overrides:dict) -> str:
     "The command line that continues a run: its config and settings, with --init_from resume"
     keep = [(f'--{k}', str(v)) for k, v in overrides.items() if k not in ('init_from', 'overwrite')]
     keep = [a for pair in keep for a in pair]
     return shlex.join(['munchkin-nb-train', str(config), *keep, '--init_from', 'resume'])
 
-# %% ../nbs/03_train.ipynb #12ec4481
+# %% ../nbs/03_train.ipynb #dfc8547d
 def _process_start() -> float:
     "When this process started (wall clock), from /proc where there is one, else now"
     try:
@@ -945,7 +945,7 @@ def train_main(argv=None) -> Trainer:
     if tr.stopped_by: raise SystemExit(128 + tr.stopped_by)
     return tr
 
-# %% ../nbs/03_train.ipynb #8e8f0fce
+# %% ../nbs/03_train.ipynb #4586b6e3
 def train_cli(argv=None):
     "Console script: train a GPT"
     run_cli(train_main, argv)
@@ -981,7 +981,7 @@ def eval_main(argv=None) -> dict:
             f"val loss {f['loss']:.4f} ({f['bpb']:.4f} bits/byte)")
     return r
 
-# %% ../nbs/03_train.ipynb #489186cd
+# %% ../nbs/03_train.ipynb #ca153364
 def eval_cli(argv=None):
     "Console script: evaluate a run's best checkpoint"
     run_cli(eval_main, argv)
