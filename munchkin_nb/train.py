@@ -48,11 +48,11 @@ class Dist:
     @property
     def master(self) -> bool: return self.rank == 0
 
-# %% ../nbs/03_train.ipynb #5ddddc6d
+# %% ../nbs/03_train.ipynb #28074c1c
 class TrainingDiverged(MunchkinError):
     "The loss became NaN or infinite"
 
-# %% ../nbs/03_train.ipynb #7c031304
+# %% ../nbs/03_train.ipynb #01646c9a
 _PTDTYPE = dict(float32=torch.float32, bfloat16=torch.bfloat16, float16=torch.float16)
 
 def autocast_ctx(device:str, dtype:str):
@@ -71,7 +71,7 @@ def dataset_vocab(s:Settings, meta:dict) -> int:
         return s.vocab_size
     return v if meta['tokenizer']['kind'] == 'char' else (v + 63) // 64 * 64
 
-# %% ../nbs/03_train.ipynb #de294261
+# %% ../nbs/03_train.ipynb #e76d63cd
 def build_model(s:Settings, meta:dict, ckpt:dict=None):
     "The GPT to train (`scratch`, GPT-2 weights, or `ckpt` when resuming) and its config as a dict"
     if s.init_from == 'resume': model = model_from_checkpoint(ckpt, dropout=s.dropout)
@@ -86,7 +86,7 @@ def build_model(s:Settings, meta:dict, ckpt:dict=None):
         if s.block_size < model.config.block_size: model.crop_block_size(s.block_size)
     return model, asdict(model.config)
 
-# %% ../nbs/03_train.ipynb #c76483ad
+# %% ../nbs/03_train.ipynb #4795b5fd
 def check_wandb(s:Settings):
     "Fail early when wandb logging is asked for but wandb is not installed"
     if not s.wandb_log: return
@@ -123,7 +123,7 @@ class Trainer:
         self.evaluated = self.saved_iter = self.stop_signal = self.stopped_by = None
         self.history, self.hard_exit, self.run_id = [], False, f"{time.time():.0f}-{os.getpid()}"
 
-# %% ../nbs/03_train.ipynb #7359d258
+# %% ../nbs/03_train.ipynb #b482c6da
 @patch
 def _device(self:Trainer):
     "The device and dtype this run uses, checked"
@@ -142,7 +142,7 @@ def _device(self:Trainer):
         raise MunchkinError("dtype bfloat16 is not supported on this GPU; use --dtype float16")
     return device, dtype
 
-# %% ../nbs/03_train.ipynb #9acb5849
+# %% ../nbs/03_train.ipynb #0823f999
 def _describe_run(path:Path) -> str:
     "A run's latest iteration and best val loss, read cheaply from its checkpoint"
     try: ck = load_checkpoint(path, mmap=True)
@@ -150,7 +150,7 @@ def _describe_run(path:Path) -> str:
     best = ck.get('best_val_loss', float('nan'))
     return f"iteration {ck.get('iter_num', '?')}, best val loss {best:.4f}"
 
-# %% ../nbs/03_train.ipynb #04f35acc
+# %% ../nbs/03_train.ipynb #4a09fa59
 @patch
 def _check_run(self:Trainer):
     "Resuming needs a checkpoint; starting afresh must not replace one (unless `overwrite`)"
@@ -164,7 +164,7 @@ def _check_run(self:Trainer):
                             f"{self.out_dir}; continue it with --init_from resume, or start again "
                             "with --overwrite True (which deletes it)")
 
-# %% ../nbs/03_train.ipynb #96eb3c0c
+# %% ../nbs/03_train.ipynb #c524d061
 def _wait_prepared(dataset:str, timeout:float=3600) -> dict:
     "Under DDP, processes other than rank 0 wait while rank 0 prepares the dataset"
     t0 = time.time()
@@ -175,7 +175,7 @@ def _wait_prepared(dataset:str, timeout:float=3600) -> dict:
         time.sleep(1)
     return load_meta(dataset)
 
-# %% ../nbs/03_train.ipynb #ecd49d82
+# %% ../nbs/03_train.ipynb #56ff2dbb
 @patch
 def _dataset(self:Trainer) -> dict:
     "The dataset's metadata (prepared first, from `source` when given); each split outlasts a block"
@@ -183,7 +183,7 @@ def _dataset(self:Trainer) -> dict:
     if not self.dist.master: return _wait_prepared(s.dataset)
     return check_block_size(ensure_prepared(s.dataset, s.source or None), s.block_size)
 
-# %% ../nbs/03_train.ipynb #a94c3aaf
+# %% ../nbs/03_train.ipynb #b145adcb
 @patch
 def _open_run(self:Trainer):
     "Lock the run folder for this process's life; return the checkpoint to resume from, or None"
@@ -205,7 +205,7 @@ def _open_run(self:Trainer):
     check_fit(ckpt, want, self.meta['tokenizer'], self.resume_from)
     return ckpt
 
-# %% ../nbs/03_train.ipynb #379eb585
+# %% ../nbs/03_train.ipynb #68b03b64
 @patch
 def close(self:Trainer):
     "Release the run folder (removing it when this trainer made it and never started)"
@@ -248,13 +248,13 @@ def setup(self:Trainer):
     self.model = torch.compile(self.raw_model) if s.compile else self.raw_model
     if d.ddp: self.model = wrap_ddp(self.model, d, self.device_type)
 
-# %% ../nbs/03_train.ipynb #94c9dd43
+# %% ../nbs/03_train.ipynb #fc8a0a6a
 def get_batch(sampler):
     "A batch from `sampler`, contiguous (the sampler's windows are views of one buffer)"
     x, y = sampler.get_batch()
     return x.contiguous(), y.contiguous()
 
-# %% ../nbs/03_train.ipynb #ca72ab63
+# %% ../nbs/03_train.ipynb #cf5a6209
 @patch
 def step(self:Trainer) -> torch.Tensor:
     "One iteration: set the learning rate; batch, forward, backward per micro-step; clip; step"
@@ -283,12 +283,12 @@ def bits_per_byte(loss:float, # mean loss, nats per token
     "Bits per byte: nats per token x tokens per byte / ln 2"
     return loss * (tokens / nbytes) / math.log(2)
 
-# %% ../nbs/03_train.ipynb #b55af10c
+# %% ../nbs/03_train.ipynb #74f87dd9
 def _reseed(sampler, seed:int):
     "Put `sampler` back at the start of the batches of `seed`"
     sampler.load_state_dict({'generator': torch.Generator().manual_seed(seed).get_state()})
 
-# %% ../nbs/03_train.ipynb #a38c2c2e
+# %% ../nbs/03_train.ipynb #f038faa4
 @torch.no_grad()
 def estimate_loss(model, samplers:dict, eval_iters:int, ctx=contextlib.nullcontext(), seed:int=1337,
                   show:bool=True, tbytes=None, stop=None) -> dict:
@@ -341,7 +341,7 @@ def evaluate(self:Trainer):
     if not all(math.isfinite(v) for v in r.values()): self.diverged(f"eval losses {r}")
     return dict(kind='eval', iter=self.iter_num, **r, time=time.time())
 
-# %% ../nbs/03_train.ipynb #07c5ea1d
+# %% ../nbs/03_train.ipynb #2f8c7af3
 @patch
 def diverged(self:Trainer, what:str):
     "Stop: the loss is not finite (the checkpoints are left as they are)"
@@ -349,11 +349,11 @@ def diverged(self:Trainer, what:str):
                            f"checkpoints in {self.out_dir} were not overwritten; lower "
                            "learning_rate or raise warmup_iters and train again")
 
-# %% ../nbs/03_train.ipynb #10de3518
+# %% ../nbs/03_train.ipynb #ae4b8ff2
 @patch
 def _stop_asked(self:Trainer) -> bool: return self.stop_signal is not None
 
-# %% ../nbs/03_train.ipynb #3f405e8e
+# %% ../nbs/03_train.ipynb #882a605d
 @patch
 def state_dict(self:Trainer) -> dict:
     "Everything needed to continue this run exactly"
@@ -365,7 +365,7 @@ def state_dict(self:Trainer) -> dict:
                 scaler=self.scaler.state_dict(), rng=rng_state(), sampler=self.sampler.state_dict(),
                 run=self.run_id)
 
-# %% ../nbs/03_train.ipynb #7655029b
+# %% ../nbs/03_train.ipynb #866e1812
 @patch
 def save(self:Trainer, best:bool=False):
     "Write `last.pt`, and `checkpoint.pt` too when `best` (the master process only)"
@@ -378,7 +378,7 @@ def save(self:Trainer, best:bool=False):
     else: save_checkpoint(ckpt, last_path(name))
     self.saved_iter = self.iter_num
 
-# %% ../nbs/03_train.ipynb #0c977537
+# %% ../nbs/03_train.ipynb #c93bb3a8
 def _best_on_disk(name:str) -> tuple:
     "Best val loss, its iteration and bits per byte in run `name`'s `checkpoint.pt` (inf if none)"
     try: ck = load_checkpoint(checkpoint_path(name), mmap=True)
@@ -386,7 +386,7 @@ def _best_on_disk(name:str) -> tuple:
     it = ck.get('best_iter', ck.get('iter_num'))
     return ck.get('best_val_loss', float('inf')), it, ck.get('best_bpb')
 
-# %% ../nbs/03_train.ipynb #b2b895eb
+# %% ../nbs/03_train.ipynb #25b18937
 @patch
 def restore(self:Trainer, ckpt:dict):
     "Continue from `ckpt`: optimizer, scaler, iteration, best val loss, random states, sampler"
@@ -413,7 +413,7 @@ def restore(self:Trainer, ckpt:dict):
     records = read_metrics(self.out_dir/'metrics.jsonl') if d.master else []
     self.history = history_at(records, self.iter_num, self.evaluated is not None)
 
-# %% ../nbs/03_train.ipynb #2b2bcdb4
+# %% ../nbs/03_train.ipynb #7cce229c
 def read_metrics(path) -> list:
     "The records of a `metrics.jsonl` (lines that are not complete JSON objects are skipped)"
     out = []
@@ -424,7 +424,7 @@ def read_metrics(path) -> list:
         if isinstance(rec, dict) and isinstance(rec.get('iter'), int): out.append(rec)
     return out
 
-# %% ../nbs/03_train.ipynb #4f26962d
+# %% ../nbs/03_train.ipynb #9ac03b9a
 def history_at(records:list, iter_num:int, evaluated:bool=False) -> list:
     "The log and eval records leading to a checkpoint at `iter_num` (`evaluated`: with its eval)"
     def before(r, it, ev): return r['iter'] < it or (ev and r['kind'] == 'eval' and r['iter'] == it)
@@ -442,7 +442,7 @@ class Callback:
     def on_eval(self, tr, rec:dict): pass
     def on_end(self, tr): pass
 
-# %% ../nbs/03_train.ipynb #324dd2dc
+# %% ../nbs/03_train.ipynb #e90a86ba
 class MetricsFile(Callback):
     "Every record in `models/<name>/metrics.jsonl`, each naming the run (process) that wrote it"
     def on_start(self, tr):
@@ -487,7 +487,7 @@ def plot_losses(history:list, ax=None, title:str=None):
     if logs or evals: ax.legend(loc='upper right')
     return ax
 
-# %% ../nbs/03_train.ipynb #f58fa7fb
+# %% ../nbs/03_train.ipynb #0fc26e05
 class LossPNG(Callback):
     "Redraw `models/<name>/loss.png` at an eval when `every` seconds have passed, and at the end"
     def __init__(self, every:float=30.0): # least seconds between two redraws at evals
@@ -505,7 +505,7 @@ class LossPNG(Callback):
         with atomic_write(tr.out_dir/'loss.png') as tmp: self.fig.savefig(tmp, format='png', dpi=90)
         self.drawn, self.last = tr.iter_num, time.time()
 
-# %% ../nbs/03_train.ipynb #67418626
+# %% ../nbs/03_train.ipynb #e094c24a
 class LivePlot(Callback):
     "Loss curves in the notebook, redrawn in place at each eval and at most every `every` s on logs"
     def __init__(self, every:float=1.0): self.every, self.last, self.handle = every, 0.0, None
@@ -529,7 +529,7 @@ class LivePlot(Callback):
     def on_end(self, tr):
         if self.handle is not None: self.draw(tr)
 
-# %% ../nbs/03_train.ipynb #9580835e
+# %% ../nbs/03_train.ipynb #5bbf42eb
 class Wandb(Callback):
     "Log evals and training losses to Weights & Biases"
     def on_start(self, tr):
@@ -545,13 +545,13 @@ class Wandb(Callback):
                       **bpb})
     def on_end(self, tr): self.run.finish()
 
-# %% ../nbs/03_train.ipynb #43da626e
+# %% ../nbs/03_train.ipynb #ddd8f211
 def _hms(secs:float) -> str:
     "`secs` as h:mm:ss or m:ss"
     m, sec = divmod(int(round(secs)), 60)
     return f"{m // 60}:{m % 60:02d}:{sec:02d}" if m >= 60 else f"{m}:{sec:02d}"
 
-# %% ../nbs/03_train.ipynb #eb01788a
+# %% ../nbs/03_train.ipynb #b20e9b8f
 @patch
 def _peak_flops(self:Trainer) -> float:
     "This device's measured matmul FLOP/s (without touching the random state training uses)"
@@ -561,7 +561,7 @@ def _peak_flops(self:Trainer) -> float:
         if cuda: return measure_matmul_peak(self.device, _PTDTYPE[self.dtype])
         return measure_matmul_peak(self.device, torch.float32, n=1024, reps=3)
 
-# %% ../nbs/03_train.ipynb #884c4eea
+# %% ../nbs/03_train.ipynb #c88342f4
 @patch
 def _mfu(self:Trainer, per_iter:float) -> float:
     "Running MFU (as nanoGPT's: an average over logs), never above 1"
@@ -575,7 +575,7 @@ def _mfu(self:Trainer, per_iter:float) -> float:
     self.mfu = m if self.mfu == -1.0 else 0.9 * self.mfu + 0.1 * m
     return self.mfu
 
-# %% ../nbs/03_train.ipynb #88d53e1d
+# %% ../nbs/03_train.ipynb #21028515
 @patch
 def log(self:Trainer, lossf:float):
     "The log line and record of this iteration: loss, progress, ETA, time per step, MFU, lr"
@@ -597,7 +597,7 @@ def log(self:Trainer, lossf:float):
     self._call('on_log', rec)
     self.clock['plots and logs'] += time.perf_counter() - t0
 
-# %% ../nbs/03_train.ipynb #bb14d42c
+# %% ../nbs/03_train.ipynb #4c499ff4
 @patch
 def settings_in_effect(self:Trainer) -> dict:
     "The settings as used: device, dtype and threads resolved, the dataset's split and vocabulary"
@@ -606,7 +606,7 @@ def settings_in_effect(self:Trainer) -> dict:
             'threads': self.threads, 'val_size': self.meta.get('val_size', self.settings.val_size),
             'vocab_size': a['vocab_size'], 'block_size': a['block_size']}
 
-# %% ../nbs/03_train.ipynb #7f9ed0b7
+# %% ../nbs/03_train.ipynb #a1be6ed6
 @patch
 def _section(self:Trainer, d:dict, title:str):
     "Print a titled section of `key: value` lines (dropped when stdout has gone)"
@@ -614,13 +614,13 @@ def _section(self:Trainer, d:dict, title:str):
     pprint_dict(d, title, file=buf)
     self.print(buf.getvalue(), end='')
 
-# %% ../nbs/03_train.ipynb #23265bed
+# %% ../nbs/03_train.ipynb #72efe73e
 @patch
 def print(self:Trainer, *args, **kw):
     "Print on the master process unless quiet; a closed stdout never stops the run"
     if self.dist.master and not self.quiet: say(*args, **kw)
 
-# %% ../nbs/03_train.ipynb #a6039a5b
+# %% ../nbs/03_train.ipynb #29fb32bd
 STOP_SIGNALS = ('SIGINT', 'SIGTERM', 'SIGHUP')
 
 def _quit_now(signum:int):
@@ -631,7 +631,7 @@ def _quit_now(signum:int):
     except OSError: pass
     os._exit(128 + signum)
 
-# %% ../nbs/03_train.ipynb #be2ed7a6
+# %% ../nbs/03_train.ipynb #766d639b
 @patch
 @contextlib.contextmanager
 def _signals(self:Trainer):
@@ -651,7 +651,7 @@ def _signals(self:Trainer):
     finally:
         for sig, h in old.items(): signal.signal(sig, h)
 
-# %% ../nbs/03_train.ipynb #a6787de2
+# %% ../nbs/03_train.ipynb #50fdce2d
 @patch
 def _should_stop(self:Trainer) -> bool:
     "Whether a stop signal arrived here (or, under DDP, at any process: all stop together)"
@@ -661,7 +661,7 @@ def _should_stop(self:Trainer) -> bool:
     if flag.item() and self.stop_signal is None: self.stop_signal = int(flag.item())
     return bool(flag.item())
 
-# %% ../nbs/03_train.ipynb #998f8f34
+# %% ../nbs/03_train.ipynb #d44544d4
 @patch
 def _stopped(self:Trainer):
     "After a stop signal: `last.pt` written at this iteration (if anything is new), one line"
@@ -691,7 +691,7 @@ def run(self:Trainer):
     if self.stopped_by is None: self.print(self.summary())   # last: after the final loss.png
     return self
 
-# %% ../nbs/03_train.ipynb #5ee35d0b
+# %% ../nbs/03_train.ipynb #241effa0
 @patch
 def _loop(self:Trainer):
     s = self.settings
@@ -713,7 +713,7 @@ def _loop(self:Trainer):
         if log_now: self.log(lossf)
         self.iter_num += 1
 
-# %% ../nbs/03_train.ipynb #55a227ee
+# %% ../nbs/03_train.ipynb #82f4e065
 @patch
 @contextlib.contextmanager
 def timed(self:Trainer, phase:str):
@@ -722,7 +722,7 @@ def timed(self:Trainer, phase:str):
     try: yield
     finally: self.clock[phase] += time.perf_counter() - t0
 
-# %% ../nbs/03_train.ipynb #b815c83f
+# %% ../nbs/03_train.ipynb #cf9d3715
 @patch
 def _eval_and_save(self:Trainer):
     "The eval of this iteration: losses, `checkpoint.pt` when val improved, `last.pt`, the line"
@@ -743,7 +743,7 @@ def _eval_and_save(self:Trainer):
         self.history.append(rec)
         self._call('on_eval', rec)
 
-# %% ../nbs/03_train.ipynb #cd80d7e8
+# %% ../nbs/03_train.ipynb #e28fc0cb
 @patch
 def _eval_line(self:Trainer, rec:dict) -> str:
     "The eval's line: losses, bits per byte and what was saved"
@@ -754,7 +754,7 @@ def _eval_line(self:Trainer, rec:dict) -> str:
     if rec['best']: return f"{line}; new best, saved {checkpoint_path(self.settings.name).name}"
     return f"{line}; the best is still {self.best_val_loss:.4f} (iteration {self.best_iter})"
 
-# %% ../nbs/03_train.ipynb #0511ea7a
+# %% ../nbs/03_train.ipynb #e8c69dd2
 @patch
 def _start(self:Trainer):
     "A fresh run's old files go; the callbacks start; the settings, setup and optimizer are printed"
@@ -770,7 +770,7 @@ def _start(self:Trainer):
     self._report_start()
     self._call('on_start')
 
-# %% ../nbs/03_train.ipynb #e058ea7c
+# %% ../nbs/03_train.ipynb #82bec8d9
 @patch
 def _report_start(self:Trainer):
     "The settings in effect, then nanoGPT's Training Setup and Optimizer sections"
@@ -793,20 +793,20 @@ def _report_start(self:Trainer):
     self._section(opt, 'Optimizer')
     self.print(style('\n\nTraining\n========', 'yellow'))
 
-# %% ../nbs/03_train.ipynb #c73d66fd
+# %% ../nbs/03_train.ipynb #79ca5cde
 @patch
 def default_callbacks(self:Trainer) -> list:
     "A loss.png refreshed at each eval, and a live plot in notebooks"
     return [LossPNG()] + ([LivePlot()] if in_notebook() else [])
 
-# %% ../nbs/03_train.ipynb #c18c8d24
+# %% ../nbs/03_train.ipynb #5e158306
 @patch
 def _call(self:Trainer, hook:str, *args):
     if not self.dist.master or not self.started: return
     for cb in self.callbacks:
         if hasattr(cb, hook): getattr(cb, hook)(self, *args)
 
-# %% ../nbs/03_train.ipynb #0c0aaff5
+# %% ../nbs/03_train.ipynb #d77b3caf
 @patch
 def _finish(self:Trainer):
     "The end of a run: `last.pt` up to date, the ranks compared under DDP"
@@ -816,14 +816,14 @@ def _finish(self:Trainer):
     if self.dist.master and self.saved_iter != self.iter_num and self.iter_num > 0:
         with self.timed('checkpoints'): self.save()
 
-# %% ../nbs/03_train.ipynb #2a370023
+# %% ../nbs/03_train.ipynb #18ea887f
 @patch
 def phases(self:Trainer) -> dict:
     "Seconds of wall time so far, by phase (`PHASES`, then the rest as 'other', and the 'total')"
     wall = time.time() - self.t_launch
     return {**self.clock, 'other': max(0.0, wall - sum(self.clock.values())), 'total': wall}
 
-# %% ../nbs/03_train.ipynb #d82a96c7
+# %% ../nbs/03_train.ipynb #80dea438
 @patch
 def summary(self:Trainer) -> str:
     "The closing report: time by phase, the best val loss, where the files are, what to try next"
@@ -841,7 +841,7 @@ def summary(self:Trainer) -> str:
                       *([f"Loss curves: {png}"] if png.exists() else []),
                       f"Try it: munchkin-nb-generate {s.name}"])
 
-# %% ../nbs/03_train.ipynb #6384fd5f
+# %% ../nbs/03_train.ipynb #0e6e429f
 @patch
 def end_record(self:Trainer) -> dict:
     "The last record of a run in metrics.jsonl"
@@ -849,7 +849,7 @@ def end_record(self:Trainer) -> dict:
     return dict(kind='end', iter=self.iter_num, stopped_by=sig, best_val_loss=self.best_val_loss,
                 best_iter=self.best_iter, phases=self.phases(), time=time.time())
 
-# %% ../nbs/03_train.ipynb #d6286f97
+# %% ../nbs/03_train.ipynb #e62bfff1
 @patch
 def _end(self:Trainer):
     "However the run ends: the callbacks' `on_end`, DDP torn down, the run folder released"
@@ -869,7 +869,7 @@ def dist_from_env(environ=None) -> Dist:
     if int(environ.get('RANK', -1)) == -1: return Dist()
     return Dist(True, int(environ['RANK']), int(environ['LOCAL_RANK']), int(environ['WORLD_SIZE']))
 
-# %% ../nbs/03_train.ipynb #85d2e9da
+# %% ../nbs/03_train.ipynb #d4de18bc
 def setup_dist(s:Settings, device:str, dist:Dist) -> str:
     "Start the process group; return this process's device"
     is_cuda = device.startswith('cuda')
@@ -885,19 +885,19 @@ def setup_dist(s:Settings, device:str, dist:Dist) -> str:
     torch.distributed.init_process_group(backend, rank=dist.rank, world_size=dist.world_size)
     return device
 
-# %% ../nbs/03_train.ipynb #93d50d05
+# %% ../nbs/03_train.ipynb #efb458f8
 def wrap_ddp(model, dist:Dist, device_type:str):
     "`model` in `DistributedDataParallel`"
     from torch.nn.parallel import DistributedDataParallel as DDP
     return DDP(model, device_ids=[dist.local_rank] if device_type == 'cuda' else None)
 
-# %% ../nbs/03_train.ipynb #d82715e3
+# %% ../nbs/03_train.ipynb #07c78434
 @torch.no_grad()
 def _param_checksum(model) -> torch.Tensor:
     ps = list(model.parameters())
     return torch.stack([p.double().sum() for p in ps] + [p.double().abs().sum() for p in ps])
 
-# %% ../nbs/03_train.ipynb #290b7ed3
+# %% ../nbs/03_train.ipynb #3a4c5b97
 @patch
 def _check_ranks(self:Trainer):
     "Under DDP: check that every process ends with the same parameters"
@@ -913,20 +913,20 @@ def train(settings:Settings, callbacks=None, quiet:bool=False) -> Trainer:
     "Train a GPT with `settings`; `callbacks` replace the default plots (not metrics.jsonl)"
     return Trainer(settings, callbacks=callbacks, quiet=quiet, dist=dist_from_env()).run()
 
-# %% ../nbs/03_train.ipynb #a7de9ee6
+# %% ../nbs/03_train.ipynb #9db036a7
 def _parser(prog:str, description:str) -> Parser:
     p = Parser(prog, description)
     p.add_argument('config', help="config name (see munchkin-nb-configs) or a path to a .env file")
     return add_settings_options(p)
 
-# %% ../nbs/03_train.ipynb #53552c79
+# %% ../nbs/03_train.ipynb #2d6ad27d
 def _resume_command(config:str, overrides:dict) -> str:
     "The command line that continues a run: its config and settings, with --init_from resume"
     keep = [(f'--{k}', str(v)) for k, v in overrides.items() if k not in ('init_from', 'overwrite')]
     keep = [a for pair in keep for a in pair]
     return shlex.join(['munchkin-nb-train', str(config), *keep, '--init_from', 'resume'])
 
-# %% ../nbs/03_train.ipynb #372cb8d3
+# %% ../nbs/03_train.ipynb #f606eb07
 def _process_start() -> float:
     "When this process started (wall clock), from /proc where there is one, else now"
     try:
@@ -949,7 +949,7 @@ def train_main(argv=None) -> Trainer:
     if tr.stopped_by: raise SystemExit(128 + tr.stopped_by)
     return tr
 
-# %% ../nbs/03_train.ipynb #1bdfb1bc
+# %% ../nbs/03_train.ipynb #f199340c
 def train_cli(argv=None):
     "Console script: train a GPT"
     run_cli(train_main, argv)
@@ -985,7 +985,7 @@ def eval_main(argv=None) -> dict:
             f"val loss {f['loss']:.4f} ({f['bpb']:.4f} bits/byte)")
     return r
 
-# %% ../nbs/03_train.ipynb #10f820b1
+# %% ../nbs/03_train.ipynb #5b6089e9
 def eval_cli(argv=None):
     "Console script: evaluate a run's best checkpoint"
     run_cli(eval_main, argv)
