@@ -17,7 +17,7 @@ from .config import MunchkinError, atomic_write
 import torch
 import torch.nn.functional as F
 
-# %% ../nbs/14_cpu_speed.ipynb #36354d17
+# %% ../nbs/14_cpu_speed.ipynb #27c803f7
 def openmp_policy() -> str:
     "How torch's OpenMP threads wait for work in this process, and who chose it"
     env = {k: os.environ[k] for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT') if k in os.environ}
@@ -26,7 +26,7 @@ def openmp_policy() -> str:
     setting = ', '.join(f"{k}={v}" for k, v in env.items())
     return f"{setting} ({'munchkin_nb default' if munchkin_nb.spin_default else 'set by the user'})"
 
-# %% ../nbs/14_cpu_speed.ipynb #e841ee6b
+# %% ../nbs/14_cpu_speed.ipynb #5f4f4191
 def usable_cores() -> int:
     "CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (`cpu.max`)"
     n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
@@ -36,7 +36,7 @@ def usable_cores() -> int:
         return n
     return n if quota == 'max' else max(1, min(n, math.ceil(int(quota) / int(period))))
 
-# %% ../nbs/14_cpu_speed.ipynb #93368c29
+# %% ../nbs/14_cpu_speed.ipynb #77ea7b56
 def cpu_times():
     "(busy, total) jiffies of the whole machine and this process's busy jiffies; None without /proc"
     try:
@@ -47,27 +47,31 @@ def cpu_times():
     total = sum(v[:8])                       # user nice system idle iowait irq softirq steal
     return total - v[3] - v[4], total, int(s[11]) + int(s[12])   # ours: utime + stime, all threads
 
-def busy_elsewhere(a, b) -> float:
-    "CPUs that other processes kept busy between two `cpu_times()` readings `a` and `b`"
+def busy_elsewhere(a, b, ncpu:int=None) -> float:
+    "CPUs other processes kept busy between two `cpu_times()` readings of a machine of `ncpu` CPUs"
     if a is None or b is None or b[1] <= a[1]: return 0.0
-    return max(0.0, ((b[0] - a[0]) - (b[2] - a[2])) / (b[1] - a[1]) * (os.cpu_count() or 1))
+    return max(0.0, ((b[0] - a[0]) - (b[2] - a[2])) / (b[1] - a[1]) * (ncpu or os.cpu_count() or 1))
 
 def choose_threads(cores:int, busy:float) -> int:
-    "Threads for `cores` usable CPUs of which other processes keep `busy` busy: the free ones, at least 1"
+    "Threads for `cores` usable CPUs when other processes keep `busy` of them busy: the free ones"
     return max(1, min(cores, int(cores - busy + 0.5)))
 
-# %% ../nbs/14_cpu_speed.ipynb #a9eef051
+# %% ../nbs/14_cpu_speed.ipynb #a810bf03
 class ThreadController:
-    "Adapts torch's thread count to the CPUs other processes leave free; `tick()` after each unit of work"
+    "Adapts torch's threads to the CPUs other processes leave free; `tick()` after each unit"
     def __init__(self, n:int, # threads in use now
                  cores:int=None, # usable CPUs (default `usable_cores()`)
                  check_s:float=1.0, # seconds between judgements
                  gain:float=0.05, # how much faster a trial of more threads must be to stay
                  backoff_s:float=10.0, # first pause after a lost trial; doubles up to 16x
-                 read=cpu_times, clock=time.perf_counter, set_threads=torch.set_num_threads):
+                 read=cpu_times, # the /proc reading; a test plays one (and the clock)
+                 clock=time.perf_counter, set_threads=torch.set_num_threads,
+                 ncpu:int=None): # CPUs the /proc/stat totals count (default: os.cpu_count())
         self.n, self.cores, self.check_s, self.gain = n, cores or usable_cores(), check_s, gain
-        self.backoff_s, self.read, self.clock, self._set_threads = backoff_s, read, clock, set_threads
-        self.unit = {}           # (kind, threads) -> median seconds per unit of the last window there
+        self.ncpu = ncpu or os.cpu_count() or 1
+        self.backoff_s, self.read, self.clock = backoff_s, read, clock
+        self._set_threads = set_threads
+        self.unit = {}           # (kind, threads) -> median seconds a unit in the last window there
         self.blocked = {}        # threads -> (no trial before this time, current pause)
         self.trial = None        # the thread count a trial of more threads came from
         self.log = deque(maxlen=100)   # (time, from, to, why) of each change
@@ -101,7 +105,7 @@ class ThreadController:
 
     def _judge(self, now:float):
         b = self.read()
-        busy, n = busy_elsewhere(self.mark, b), self.n
+        busy, n = busy_elsewhere(self.mark, b, self.ncpu), self.n
         want, med = choose_threads(self.cores, busy), statistics.median(self.units)
         self.unit[self.kind, n] = med
         one = self.unit.get((self.kind, 1))
@@ -121,7 +125,7 @@ class ThreadController:
             self._change(want, f"{busy:.2f} CPUs busy elsewhere: trying {want}")
         self.t_check, self.mark, self.units = now, b, []
 
-# %% ../nbs/14_cpu_speed.ipynb #70ef2fc6
+# %% ../nbs/14_cpu_speed.ipynb #c813d608
 _MARK = (time.perf_counter(), cpu_times())     # the first /proc reading: import time
 _CONTROLLER = None                              # the ThreadController while threads adapt
 
@@ -147,7 +151,7 @@ def set_threads(n:int=0, # threads for torch; 0: the free cores now, then adapt 
     return n
 
 def threads_tick(kind:str='step') -> int:
-    "Tick the thread controller after a unit of work of `kind` ('step', 'token'); the threads in use"
+    "Tick the thread controller after a unit of work of `kind` ('step', 'token'); threads in use"
     c = _CONTROLLER
     return torch.get_num_threads() if c is None else c.tick(kind)
 
@@ -157,10 +161,10 @@ def thread_controller():
 
 # %% ../nbs/14_cpu_speed.ipynb #00aaaa92
 class _MaskDropout(torch.autograd.Function):
-    "Inverted dropout with a float mask {0, 1/(1-p)} from 16 random bits per element, reused in backward."
+    "Inverted dropout: a float mask {0, 1/(1-p)} from 16 random bits an element, reused in backward"
     @staticmethod
     def forward(ctx, x, p):
-        t = min(round(p * 65536), 65535)             # drop where the 16 bits fall below t: probability t/65536
+        t = min(round(p * 65536), 65535)             # drop where 16 bits fall below t: p = t/65536
         bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1)
         bits = bits.view(torch.int16)[:x.numel()].view(x.shape)   # 4 elements per 64-bit draw
         m = torch.ge(bits, t - 32768, out=torch.empty_like(x)).mul_(65536 / (65536 - t))
@@ -172,7 +176,7 @@ class _MaskDropout(torch.autograd.Function):
         return g * m, None
 
 def mask_dropout(x, p:float):
-    "Inverted dropout with probability `p` (rounded to a multiple of 1/65536), mask from 16 random bits"
+    "Inverted dropout with probability `p` (a multiple of 1/65536), its mask from 16 random bits"
     return _MaskDropout.apply(x, p)
 
 # %% ../nbs/14_cpu_speed.ipynb #366bf119
@@ -185,14 +189,15 @@ def _attend(q, k, v, dropout_p:float):
     if dropout_p > 0: att = mask_dropout(att, dropout_p)
     return att @ v
 
-def blocked_causal_attention(q, k, v, # (..., T, hs) queries, keys and values of the same T positions
-                             dropout_p:float=0.0, # dropout on the attention weights (applied when > 0)
+def blocked_causal_attention(q, k, v, # (..., T, hs) queries, keys and values of T positions
+                             dropout_p:float=0.0, # dropout on the attention weights (when > 0)
                              n_blocks:int=4): # number of query blocks
     "Causal attention block by block, each query block against only the keys it may see."
     T = q.size(-2)
     bs = -(-T // n_blocks)
-    return torch.cat([_attend(q[..., s:s + bs, :], k[..., :s + bs, :], v[..., :s + bs, :], dropout_p)
-                      for s in range(0, T, bs)], dim=-2)
+    blocks = [_attend(q[..., s:s + bs, :], k[..., :s + bs, :], v[..., :s + bs, :], dropout_p)
+              for s in range(0, T, bs)]
+    return torch.cat(blocks, dim=-2)
 
 # %% ../nbs/14_cpu_speed.ipynb #d19abfe9
 def _sync(device):
@@ -217,7 +222,7 @@ def measure_matmul_peak(device='cpu', dtype=torch.float32, n:int=None, reps:int=
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
-# %% ../nbs/14_cpu_speed.ipynb #8451f508
+# %% ../nbs/14_cpu_speed.ipynb #7547d1ba
 def device_name(device='cpu') -> str:
     "Model name of the CPU (from /proc/cpuinfo) or GPU."
     d = torch.device(device)
@@ -232,12 +237,13 @@ def device_name(device='cpu') -> str:
 
 def peak_cache_file() -> Path:
     "Where `matmul_peak` keeps the best peaks measured on this machine"
-    return Path(os.environ.get('XDG_CACHE_HOME') or Path.home()/'.cache')/'munchkin_nb'/'matmul_peak.json'
+    cache = Path(os.environ.get('XDG_CACHE_HOME') or Path.home()/'.cache')
+    return cache/'munchkin_nb'/'matmul_peak.json'
 
 def matmul_peak(device='cpu', dtype=torch.float32,
-                at_least:float=0.0, # FLOP/s known to be reached (e.g. a training step's); no peak is lower
+                at_least:float=0.0, # FLOP/s a training step reached: no peak is less
                 n:int=None, reps:int=3) -> float: # the quick measurement's size and repetitions
-    "The best matmul FLOP/s this device reached: now, before (cached per model, threads, dtype), `at_least`"
+    "The best matmul FLOP/s this device reached: now, before (cached), or `at_least`"
     device = torch.device(device)
     threads = torch.get_num_threads() if device.type == 'cpu' else 0
     key = f"{device_name(device)} | {threads} threads | {str(dtype).replace('torch.', '')}"
@@ -255,10 +261,10 @@ def matmul_peak(device='cpu', dtype=torch.float32,
         try:
             with atomic_write(path) as tmp: tmp.write_text(json.dumps(cache, indent=1))
         except OSError:
-            pass                                  # a read-only home: the peak is just not remembered
+            pass                                  # a read-only home: the peak is not remembered
     return best
 
-# %% ../nbs/14_cpu_speed.ipynb #e5883165
+# %% ../nbs/14_cpu_speed.ipynb #228b0576
 @functools.cache
 def cpu_has_bf16():
     "Whether this CPU has bfloat16 instructions (avx512_bf16, AMX, Arm bf16); None when unknown"
@@ -293,26 +299,28 @@ class DecodeLinear:
     def __init__(self, w, b=None, weights:str='fp32', how:str='linear'):
         w = w.detach()
         self.b, self.weights, self.how, self.shape = b, weights, how, tuple(w.shape)
-        if weights == 'int8':                        # weight-only int8, one scale per output channel
+        if weights == 'int8':                      # weight-only int8, one scale per output channel
             scale = w.float().abs().amax(1).clamp(min=1e-12) / 127
             self.w = (w.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
             self.scale = scale.to(torch.bfloat16)
             self.packed = w.device.type == 'cpu' and w.size(1) % 16 == 0   # the kernel's constraint
-        elif weights == 'bf16': self.w = w.t().to(torch.bfloat16).contiguous()   # (in, out): fastest
+        elif weights == 'bf16': self.w = w.t().to(torch.bfloat16).contiguous()   # (in, out)
         elif how == 'bag': self.w = w.t().contiguous()
         else: self.w = w
 
-    def __call__(self, x, act:str=None): # x (B, in); act: None or the GELU after it, 'none' or 'tanh'
-        if self.how == 'onednn' and self.weights == 'fp32':
-            return torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, 'none' if act is None else 'gelu',
-                                                      [], '' if act is None else act)
+    def __call__(self, x, # (B, in) activations
+                 act:str=None): # None, or the GELU after the product: 'none' (exact) or 'tanh'
+        if self.how == 'onednn' and self.weights == 'fp32':     # the GELU fused into the product
+            how, alg = ('none', '') if act is None else ('gelu', act)
+            return torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, how, [], alg)
         if self.weights == 'int8' and self.packed:
             y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.w, self.scale).to(x.dtype)
         elif self.weights == 'int8': y = self.readable(x, bias=False)
         elif self.weights == 'bf16': y = (x.to(torch.bfloat16) @ self.w).to(x.dtype)
         elif self.how == 'bag':
-            idx, off = _bags(self.w.size(0), max(1, min(torch.get_num_threads(), 4)))   # a bag a thread
-            y = F.embedding_bag(idx, self.w, off, mode='sum', per_sample_weights=x.view(-1)).sum(0, True)
+            idx, off = _bags(self.w.size(0), max(1, min(torch.get_num_threads(), 4)))   # a bag each
+            y = F.embedding_bag(idx, self.w, off, mode='sum', per_sample_weights=x.view(-1))
+            y = y.sum(0, keepdim=True)
         else: y = F.linear(x, self.w)
         y = y if self.b is None else y + self.b
         return y if act is None else F.gelu(y, approximate=act)
@@ -326,7 +334,8 @@ class DecodeLinear:
         "The same product written plainly: activations rounded as the kernel rounds them"
         if self.weights == 'fp32': return F.linear(x, self.weight(), self.b if bias else None)
         xr = x.to(torch.bfloat16).float()
-        y = F.linear(xr, self.w.float()) * self.scale.float() if self.weights == 'int8' else xr @ self.w.float()
+        if self.weights == 'int8': y = F.linear(xr, self.w.float()) * self.scale.float()
+        else: y = xr @ self.w.float()
         y = y.to(torch.bfloat16).to(x.dtype)         # both kernels return bfloat16
         return y + self.b if bias and self.b is not None else y
 
@@ -334,7 +343,7 @@ class DecodeLinear:
         "Bytes of weight a product reads"
         return self.w.numel() * self.w.element_size()
 
-# %% ../nbs/14_cpu_speed.ipynb #e125ae39
+# %% ../nbs/14_cpu_speed.ipynb #af980415
 _DECODE_ROUTE = {}   # (model shape, threads) -> 'linear' | 'onednn' | 'bag'
 
 def _linears(model) -> list:
@@ -348,11 +357,12 @@ def _linears(model) -> list:
     return out + [(model.lm_head.weight, None, None)]
 
 def decode_route(model, reps:int=3) -> str:
-    "The fp32 route of this model's decoding: the fastest of a timed pass over its matrices, or 'linear'"
+    "This model's fp32 decoding route: the fastest in a timed pass over its matrices, or 'linear'"
     lins = _linears(model)
     w0 = lins[0][0]
-    if (w0.device.type != 'cpu' or w0.dtype != torch.float32 or torch.are_deterministic_algorithms_enabled()
-            or all(w.numel() < 1 << 17 for w, _, _ in lins)): return 'linear'
+    small = all(w.numel() < 1 << 17 for w, _, _ in lins)
+    if (w0.device.type != 'cpu' or w0.dtype != torch.float32 or small
+            or torch.are_deterministic_algorithms_enabled()): return 'linear'
     key = (tuple(tuple(w.shape) for w, _, _ in lins), torch.get_num_threads())
     if key in _DECODE_ROUTE: return _DECODE_ROUTE[key]
     routes = ['linear'] + ['onednn'] * _onednn_linear_ok() + ['bag']
@@ -360,7 +370,7 @@ def decode_route(model, reps:int=3) -> str:
         prepared = {h: [(DecodeLinear(w, b, how=h), act) for w, b, act in lins] for h in routes}
         xs = {n: torch.randn(1, n) for n in {w.size(1) for w, _, _ in lins}}
         times = {h: [] for h in routes}
-        for _ in range(reps + 1):                                # interleaved; the first is a warm-up
+        for _ in range(reps + 1):                       # interleaved; the first is a warm-up
             for h in routes:
                 t0 = time.perf_counter()
                 for lin, act in prepared[h]: lin(xs[lin.shape[1]], act)
@@ -369,12 +379,12 @@ def decode_route(model, reps:int=3) -> str:
     best = min(med, key=med.get)
     return _DECODE_ROUTE.setdefault(key, best if med[best] < 0.9 * med['linear'] else 'linear')
 
-# %% ../nbs/14_cpu_speed.ipynb #63f0eeda
+# %% ../nbs/14_cpu_speed.ipynb #95823816
 class DecodeStore:
     "A model's matrices prepared for decoding: four `DecodeLinear`s a block and the head"
     def __init__(self, model, weights:str='fp32'):
         if weights not in WEIGHT_FORMATS:
-            raise MunchkinError(f"weights {weights!r} unknown; use one of {', '.join(WEIGHT_FORMATS)}")
+            raise MunchkinError(f"weights {weights!r} unknown; use {', '.join(WEIGHT_FORMATS)}")
         self.weights = weights
         self.how = decode_route(model) if weights == 'fp32' else 'linear'
         self.acts = [act for _, _, act in _linears(model)]
@@ -411,16 +421,18 @@ def decode_step(model, # a `GPT`
     cfg, tr = model.config, model.transformer
     B, C, nh = tok.size(0), cfg.n_embd, cfg.n_head
     if pos >= cfg.block_size:
-        raise MunchkinError(f"position {pos} is outside block_size {cfg.block_size}; crop the context")
+        raise MunchkinError(f"position {pos} is past block_size {cfg.block_size}; crop the context")
     store = store or decode_store(model)
     lins, acts = store.lins, store.acts
     x = F.embedding(tok.view(B), tr.wte.weight) + tr.wpe.weight[pos]       # (B, C)
     for i, (block, cache) in enumerate(zip(tr.h, caches)):
         qkv, proj, fc, fc2 = lins[4 * i:4 * i + 4]
-        qkv = qkv(F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias)).view(B, 3, nh, 1, C // nh)
-        cache.kv[:, :, :, pos:pos + 1] = qkv[:, 1:]                      # append key and value in one copy
+        qkv = qkv(F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias))
+        qkv = qkv.view(B, 3, nh, 1, C // nh)
+        cache.kv[:, :, :, pos:pos + 1] = qkv[:, 1:]                 # append key and value: one copy
         cache.pos = pos + 1
-        y = F.scaled_dot_product_attention(qkv[:, 0], cache.k[:, :, :pos + 1], cache.v[:, :, :pos + 1])
+        k, v = cache.k[:, :, :pos + 1], cache.v[:, :, :pos + 1]
+        y = F.scaled_dot_product_attention(qkv[:, 0], k, v)           # one query sees every key
         x = x + proj(y.view(B, C))
         x = x + fc2(fc(F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias), acts[4 * i + 2]))
     return lins[-1](F.layer_norm(x, (C,), tr.ln_f.weight, tr.ln_f.bias))
