@@ -128,7 +128,8 @@ def test_bench_cli_under_load(tmp_path):
     r = run_script('munchkin-nb-bench', '--config', 'shakespeare-char-cpu', '--iters', 1,
                    '--sample_tokens', 10, '--no_same_window', '--under_load', 1,
                    '--load_seconds', 0.3, '--load_warmup', 0.1, '--load_repeats', 2,
-                   '--decode', 'shakespeare-char-cpu', '--decode_tokens', 4, '--decode_repeats', 1, '--out', out,
+                   '--decode', 'shakespeare-char-cpu', '--decode_tokens', 4, '--decode_repeats', 1,
+                   '--out', out,
                    env={'XDG_CACHE_HOME': str(tmp_path)})
     assert r.returncode == 0, r.stderr
     assert 'beside 1 competing process' in r.stdout and 'weight-read limit' in r.stdout
