@@ -1,9 +1,10 @@
-"End to end: munchkin-nb-configs and munchkin-nb-prepare as a user runs them, good and bad input"
-import gzip, json, os
+"End to end: munchkin-nb-configs, and munchkin-nb-prepare on tiny Shakespeare and on a local corpus"
+import gzip, json
 from pathlib import Path
 import numpy as np
 import pytest
-from conftest import bpe_available, run_script, assert_one_line_error as _fails
+from conftest import bpe_available, run_script
+from munchkin_nb.prepare import prepare, prepare_cli
 
 def meta_of(root, ds): return json.loads((root/'etc'/'dataset'/ds/'meta.json').read_text())
 
@@ -14,7 +15,7 @@ def test_configs_lists_all_four():
     assert names == ['openwebtext', 'shakespeare', 'shakespeare-char', 'shakespeare-char-cpu']
     assert 'shakespeare_char  4x128' in r.stdout
 
-def test_prepare_shakespeare_char(tmp_path, shakespeare_path):
+def test_prepare_shakespeare_char(tmp_path, shakespeare_path, monkeypatch, capsys):
     r = run_script('munchkin-nb-prepare', 'shakespeare_char', '--source', shakespeare_path, root=tmp_path)
     assert r.returncode == 0, r.stderr
     m = meta_of(tmp_path, 'shakespeare_char')
@@ -23,18 +24,21 @@ def test_prepare_shakespeare_char(tmp_path, shakespeare_path):
     assert 'tokens/s' in r.stdout
     train = np.fromfile(tmp_path/'etc/dataset/shakespeare_char/train.bin', dtype=np.uint16)
     assert len(train) == 1_003_854 and train.max() == 64
-    # a second run leaves the data alone; --force prepares again
-    mtime = (tmp_path/'etc/dataset/shakespeare_char/train.bin').stat().st_mtime_ns
-    r = run_script('munchkin-nb-prepare', 'shakespeare_char', '--source', shakespeare_path, root=tmp_path)
-    assert 'already prepared' in r.stdout
-    assert (tmp_path/'etc/dataset/shakespeare_char/train.bin').stat().st_mtime_ns == mtime
-    r = run_script('munchkin-nb-prepare', 'shakespeare_char', '--source', shakespeare_path, '--force', root=tmp_path)
-    assert r.returncode == 0 and 'tokens/s' in r.stdout
+    # a second run leaves the data alone; --force prepares again, to the same bytes
+    monkeypatch.setenv('MUNCHKIN_ROOT', str(tmp_path))
+    ddir = tmp_path/'etc/dataset/shakespeare_char'
+    mtime, data = (ddir/'train.bin').stat().st_mtime_ns, (ddir/'train.bin').read_bytes()
+    prepare_cli(['shakespeare_char', '--source', str(shakespeare_path)])
+    assert 'already prepared' in capsys.readouterr().out
+    assert (ddir/'train.bin').stat().st_mtime_ns == mtime
+    prepare_cli(['shakespeare_char', '--source', str(shakespeare_path), '--force'])
+    assert 'tokens/s' in capsys.readouterr().out
+    assert (ddir/'train.bin').stat().st_mtime_ns != mtime and (ddir/'train.bin').read_bytes() == data
 
-def test_prepare_shakespeare_bpe(tmp_path, shakespeare_path):
+def test_prepare_shakespeare_bpe(tmp_path, shakespeare_path, monkeypatch):
     if not bpe_available(): pytest.skip("GPT-2's BPE is not available offline")
-    r = run_script('munchkin-nb-prepare', 'shakespeare', '--source', shakespeare_path, root=tmp_path)
-    assert r.returncode == 0, r.stderr
+    monkeypatch.setenv('MUNCHKIN_ROOT', str(tmp_path))
+    prepare('shakespeare', source=shakespeare_path)
     m = meta_of(tmp_path, 'shakespeare')
     assert (m['vocab_size'], m['train_tokens'], m['val_tokens']) == (50257, 301_966, 36_059)
 
@@ -51,7 +55,7 @@ def _corpus(d:Path, paras):
     (d/'sub'/'d.txt').write_text('\n\n'.join(paras[999:1100]))
     return 1000
 
-def test_prepare_openwebtext_from_local_corpus(tmp_path, shakespeare_path):
+def test_prepare_openwebtext_from_local_corpus(tmp_path, shakespeare_path, monkeypatch):
     if not bpe_available(): pytest.skip("GPT-2's BPE is not available offline")
     import tiktoken
     paras = [p for p in shakespeare_path.read_text().split('\n\n') if p.strip()]
@@ -71,33 +75,21 @@ def test_prepare_openwebtext_from_local_corpus(tmp_path, shakespeare_path):
     first = enc.decode(train[:np.argmax(train == 50256)].tolist())
     assert first in docs and first != docs[0]
     # the same corpus and seed give byte-identical bins
-    r = run_script('munchkin-nb-prepare', 'openwebtext', '--source', tmp_path/'corpus', '--val_size', '0.05', root=tmp_path/'r2')
+    monkeypatch.setenv('MUNCHKIN_ROOT', str(tmp_path/'r2'))
+    prepare('openwebtext', source=tmp_path/'corpus', val_size=0.05)
     for s in ('train', 'val'):
         assert (ddir/f'{s}.bin').read_bytes() == (tmp_path/f'r2/etc/dataset/openwebtext/{s}.bin').read_bytes()
 
-def test_prepare_bad_input(tmp_path, shakespeare_path):
-    _fails(run_script('munchkin-nb-prepare', 'tinystories', root=tmp_path), "unknown dataset 'tinystories'", 'shakespeare_char, shakespeare, openwebtext')
-    _fails(run_script('munchkin-nb-prepare', 'shakespeare_char', '--source', tmp_path/'missing.txt', root=tmp_path), 'does not exist')
-    (tmp_path/'latin1.txt').write_bytes('Caf\xe9 society\n'.encode('latin-1'))
-    _fails(run_script('munchkin-nb-prepare', 'shakespeare_char', '--source', tmp_path/'latin1.txt', root=tmp_path), 'not UTF-8')
-    (tmp_path/'empty.txt').write_text('  \n')
-    _fails(run_script('munchkin-nb-prepare', 'shakespeare_char', '--source', tmp_path/'empty.txt', root=tmp_path), 'is empty')
-    # a URL that cannot be reached (a closed port on this machine) names the URL and the --source remedy
-    _fails(run_script('munchkin-nb-prepare', 'shakespeare_char', '--source', 'http://127.0.0.1:9/input.txt', root=tmp_path),
-           'cannot download http://127.0.0.1:9/input.txt', '--source PATH')
-    _fails(run_script('munchkin-nb-prepare', 'shakespeare_char', '--source', shakespeare_path, '--val_size', '1.5', root=tmp_path), 'val_size=1.5')
-    assert not (tmp_path/'etc'/'dataset'/'shakespeare_char'/'meta.json').exists()
-    assert not list((tmp_path/'etc'/'dataset').rglob('*.bin')) if (tmp_path/'etc'/'dataset').exists() else True
-
-def test_failed_corpus_leaves_nothing_that_looks_complete(tmp_path, shakespeare_path):
+def test_failed_corpus_leaves_nothing(tmp_path, shakespeare_path, monkeypatch, capsys):
     if not bpe_available(): pytest.skip("GPT-2's BPE is not available offline")
     paras = [p for p in shakespeare_path.read_text().split('\n\n') if p.strip()]
     _corpus(tmp_path/'corpus', paras)
     with open(tmp_path/'corpus'/'z.jsonl', 'w') as f: f.write('{"text": "fine"}\n{"body": "no text field"}\n')
-    r = run_script('munchkin-nb-prepare', 'openwebtext', '--source', tmp_path/'corpus', root=tmp_path)
-    _fails(r, "z.jsonl:2: not a JSON object with a 'text' field", midway=True)
-    ddir = tmp_path/'etc'/'dataset'/'openwebtext'
-    assert not (ddir/'meta.json').exists() and not list(ddir.glob('*.bin')) and not list(ddir.glob('.*tmp'))
+    monkeypatch.setenv('MUNCHKIN_ROOT', str(tmp_path))
+    with pytest.raises(SystemExit) as e: prepare_cli(['openwebtext', '--source', str(tmp_path/'corpus')])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and "z.jsonl:2: not a JSON object with a 'text' field" in err
+    assert sorted(p.name for p in (tmp_path/'etc'/'dataset').iterdir()) == ['.locks']  # no dataset, no build left
 
 def test_settings_layers_and_bad_config(tmp_path):
     from munchkin_nb.config import load_settings, MunchkinError
