@@ -123,7 +123,7 @@ def bench_sample(cfg:GPTConfig, new_tokens:int=500, device='cpu', same_window=Tr
     if same_window: r['speedup_vs_same_window'] = cached / r['same_window_nocache_tokens_per_s']
     return r
 
-# %% ../nbs/15_bench.ipynb #1bee1795
+# %% ../nbs/15_bench.ipynb #b18497f5
 COMPETITOR = """
 import sys, torch
 torch.set_num_threads(int(sys.argv[1]))
@@ -195,7 +195,7 @@ def bench_load(cfg:GPTConfig, batch_size:int, n:int, # shape, batch size, compet
                       threads_loaded=threads[k, 'loaded'])
     return out
 
-# %% ../nbs/15_bench.ipynb #a591e6f0
+# %% ../nbs/15_bench.ipynb #4b57cb96
 def weight_read_limit(tensors, # float32 matrices, read once per pass
                       reps:int=3, device='cpu') -> dict:
     "Seconds to read every tensor once: the faster of two readers, best of `reps` cold passes"
@@ -262,7 +262,7 @@ def bench_decode(cfg:GPTConfig, weights=WEIGHT_FORMATS, tokens:int=64, repeats:i
                                  route=stores[w].how)
     return out
 
-# %% ../nbs/15_bench.ipynb #6eba50dc
+# %% ../nbs/15_bench.ipynb #6f506766
 class _FormatLinear(torch.nn.Module):
     "An `nn.Linear` computing with a `DecodeLinear`'s weight format, for any leading shape"
     def __init__(self, lin, weights:str):
@@ -289,29 +289,48 @@ def split_loss(model:GPT, dataset:str, split:str='val', batch_size:int=32, devic
         count += y.numel()
     return total / count
 
+@torch.inference_mode()
+def _next_logits(model:GPT, seq, start:int) -> torch.Tensor:
+    "Logits for each token of `seq` (1, n) from `start` on, each from the block_size tokens before"
+    T = model.config.block_size
+    return torch.cat([model(seq[:, max(0, i - T):i])[0][0, -1:] for i in range(start, seq.size(1))])
+
 def weights_quality(model:GPT, dataset:str, weights=('bf16', 'int8'), tokens:int=200,
                     batch_size:int=32, device='cpu', prompt=None) -> dict:
-    "Whole-split val loss and greedy-token agreement with fp32 of each weight format"
+    "Whole-split val loss of each weight format, and its greedy tokens against fp32's"
     model = model.eval()
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device) if prompt is None else prompt
-    ref = model.generate(prompt, tokens, temperature=0)[0, prompt.size(1):]
-    base = split_loss(model, dataset, 'val', batch_size, device)
-    out = {'fp32': dict(val_loss=base, delta=0.0, same=1.0, first_divergence=None)}
+    n = prompt.size(1)
+    seq = model.generate(prompt, tokens, temperature=0)
+    ref = seq[0, n:]
+    fp32 = _next_logits(model, seq, n)                  # on the same tokens, window by window
+    top2, best = fp32.topk(2).values, fp32.argmax(-1)
+    out = {'fp32': dict(val_loss=split_loss(model, dataset, 'val', batch_size, device), delta=0.0,
+                        same=1.0, argmax_same=1.0, first_divergence=None, margin=None)}
     for w in weights:
         loss = split_loss(with_weights(model, w), dataset, 'val', batch_size, device)
-        got = model.generate(prompt, tokens, temperature=0, weights=w)[0, prompt.size(1):]
+        got = model.generate(prompt, tokens, temperature=0, weights=w)[0, n:]
+        forced = _next_logits(with_weights(model, w), seq, n).argmax(-1)   # on fp32's tokens
         diff = (got != ref).nonzero()
-        out[w] = dict(val_loss=loss, delta=loss - base, same=(got == ref).float().mean().item(),
-                      first_divergence=int(diff[0]) if len(diff) else None)
+        first = int(diff[0]) if len(diff) else None
+        out[w] = dict(val_loss=loss, delta=loss - out['fp32']['val_loss'],
+                      same=(got == ref).float().mean().item(),
+                      argmax_same=(forced == best).float().mean().item(), first_divergence=first,
+                      margin=None if first is None else (top2[first, 0] - top2[first, 1]).item())
     return dict(dataset=dataset, tokens=tokens, formats=out)
 
 def format_quality(q:dict) -> str:
     "The quality report as a table"
-    lines = [f"quality on {q['dataset']}: whole val split; greedy, {q['tokens']} tokens, vs fp32",
-             f"{'weights':<8}{'val loss':>10}{'delta':>9}{'same greedy':>13}{'first diff':>12}"]
+    lines = [f"quality on {q['dataset']}: val loss on the whole val split; {q['tokens']} greedy "
+             "tokens against fp32's: the same running free, the same on fp32's tokens (forced), "
+             "where they first part and fp32's top-2 logit gap there",
+             f"{'weights':<8}{'val loss':>10}{'delta':>9}{'same':>8}{'forced':>8}{'parts at':>10}"
+             f"{'gap':>8}"]
     for w, r in q['formats'].items():
         first = '-' if r['first_divergence'] is None else str(r['first_divergence'])
-        lines.append(f"{w:<8}{r['val_loss']:10.4f}{r['delta']:+9.4f}{r['same']:12.1%}{first:>12}")
+        gap = '-' if r['margin'] is None else f"{r['margin']:.3f}"
+        lines.append(f"{w:<8}{r['val_loss']:10.4f}{r['delta']:+9.4f}{r['same']:8.1%}"
+                     f"{r['argmax_same']:8.1%}{first:>10}{gap:>8}")
     return '\n'.join(lines)
 
 # %% ../nbs/15_bench.ipynb #9d49e5d1
@@ -430,7 +449,7 @@ def format_bench(rep) -> str:
     if 'decode' in rep: lines += _format_decode(rep['decode'])
     return '\n'.join(lines)
 
-# %% ../nbs/15_bench.ipynb #16d10a72
+# %% ../nbs/15_bench.ipynb #cd5153b8
 QUICK = dict(max_iters=6, eval_interval=3, eval_iters=2, batch_size=4, block_size=32, n_layer=1,
              n_head=2, n_embd=32, lr_decay_iters=6, warmup_iters=2, log_interval=1)
 
