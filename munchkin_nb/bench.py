@@ -123,7 +123,7 @@ def bench_sample(cfg:GPTConfig, new_tokens:int=500, device='cpu', same_window=Tr
     if same_window: r['speedup_vs_same_window'] = cached / r['same_window_nocache_tokens_per_s']
     return r
 
-# %% ../nbs/15_bench.ipynb #b18497f5
+# %% ../nbs/15_bench.ipynb #2e9779c7
 COMPETITOR = """
 import sys, torch
 torch.set_num_threads(int(sys.argv[1]))
@@ -195,7 +195,7 @@ def bench_load(cfg:GPTConfig, batch_size:int, n:int, # shape, batch size, compet
                       threads_loaded=threads[k, 'loaded'])
     return out
 
-# %% ../nbs/15_bench.ipynb #4b57cb96
+# %% ../nbs/15_bench.ipynb #610a3c25
 def weight_read_limit(tensors, # float32 matrices, read once per pass
                       reps:int=3, device='cpu') -> dict:
     "Seconds to read every tensor once: the faster of two readers, best of `reps` cold passes"
@@ -262,7 +262,7 @@ def bench_decode(cfg:GPTConfig, weights=WEIGHT_FORMATS, tokens:int=64, repeats:i
                                  route=stores[w].how)
     return out
 
-# %% ../nbs/15_bench.ipynb #6f506766
+# %% ../nbs/15_bench.ipynb #857ae3a5
 class _FormatLinear(torch.nn.Module):
     "An `nn.Linear` computing with a `DecodeLinear`'s weight format, for any leading shape"
     def __init__(self, lin, weights:str):
@@ -387,6 +387,9 @@ def run_bench(configs='shakespeare-char-cpu,shakespeare-char', # comma-separated
         rep['decode'] = dict(config=decode, **d)
     return rep
 
+def _fmt(v, spec) -> str:
+    return '-' if v is None else format(v, spec)
+
 def _format_load(rep) -> list:
     rows = [r for r in rep['results'] if 'load' in r]
     if not rows: return []
@@ -440,8 +443,8 @@ def format_bench(rep) -> str:
         t, s = r['train'], r.get('sample')
         samp = ''
         if s:
-            same = s.get('same_window_nocache_tokens_per_s', float('nan'))
-            samp = (f"{s['cached_tokens_per_s']:8.1f}{s['nanogpt_tokens_per_s']:9.1f}{same:9.1f}"
+            same = _fmt(s.get('same_window_nocache_tokens_per_s'), '.1f')
+            samp = (f"{s['cached_tokens_per_s']:8.1f}{s['nanogpt_tokens_per_s']:9.1f}{same:>9}"
                     f"{s['speedup_vs_nanogpt']:8.1f}x")
         lines.append(f"{r['config']:<22}{r['params'] / 1e6:7.2f}M{t['ms_per_iter']:10.1f}"
                      f"{t['tokens_per_s']:10.0f}{t['mfu'] * 100:6.1f}%  |{' ' * 15}{samp}")
@@ -449,7 +452,7 @@ def format_bench(rep) -> str:
     if 'decode' in rep: lines += _format_decode(rep['decode'])
     return '\n'.join(lines)
 
-# %% ../nbs/15_bench.ipynb #cd5153b8
+# %% ../nbs/15_bench.ipynb #63a50330
 QUICK = dict(max_iters=6, eval_interval=3, eval_iters=2, batch_size=4, block_size=32, n_layer=1,
              n_head=2, n_embd=32, lr_decay_iters=6, warmup_iters=2, log_interval=1)
 
@@ -581,9 +584,6 @@ def gpu_check(device='cuda', nanogpt=None, quick:bool=False, budget_s:float=540.
             **{f'{w}_tokens_per_s': r['tokens_per_s'] for w, r in d['weights'].items()})
     return dict(device=str(device), device_name=device_name(device), torch=torch.__version__,
                 quick=quick, workdir=str(work), seconds=budget_s - left(), rows=rows)
-
-def _fmt(v, spec) -> str:
-    return '-' if v is None else format(v, spec)
 
 def _verdict(r:dict, by:dict, quick:bool) -> str:
     "The check a GPU check row must pass, and whether it did"

@@ -13,4 +13,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if ! $PY -c 'import torch, numpy, tqdm, fastcore' 2> /dev/null; then
+    echo "error: $PY lacks torch, numpy, tqdm or fastcore; carry wheels in .whl/ (pip download --no-deps" \
+         "-d .whl fastcore) or set PYTHON to a Python that has them" >&2
+    exit 2
+fi
 exec $PY -c 'from munchkin_nb.bench import bench_cli; bench_cli()' --gpu_check "$@"
