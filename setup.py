@@ -6,7 +6,7 @@ config = ConfigParser(delimiters=['='])
 config.read('settings.ini', encoding='utf-8')
 cfg = config['DEFAULT']
 
-cfg_keys = 'version description keywords author author_email'.split()
+cfg_keys = 'version description keywords author'.split()
 expected = cfg_keys + "lib_name user branch license status min_python audience language".split()
 for o in expected: assert o in cfg, "missing expected setting: {}".format(o)
 setup_cfg = {o:cfg[o] for o in cfg_keys}
@@ -30,12 +30,16 @@ setuptools.setup(
     name = cfg['lib_name'],
     license = lic[0],
     classifiers = [
-        'Development Status :: ' + statuses[int(cfg['status'])],
+        'Development Status :: ' + next(o for o in statuses if o.startswith(cfg['status'] + ' ')),
         'Intended Audience :: ' + cfg['audience'].title(),
         'Natural Language :: ' + cfg['language'].title(),
     ] + ['Programming Language :: Python :: '+o for o in py_versions[py_versions.index(min_python):]] + (['License :: ' + lic[1] ] if lic[1] else []),
     url = cfg['git_url'],
-    packages = setuptools.find_packages(include=['munchkin_nb', 'munchkin_nb.*']),
+    # the training configs stay at etc/training in the repository; a wheel ships them as package data
+    # (munchkin_nb/configs/*.env), which config.configs_dir() reads when the package is installed
+    packages = setuptools.find_packages(include=['munchkin_nb', 'munchkin_nb.*']) + ['munchkin_nb.configs'],
+    package_dir = {'munchkin_nb.configs': 'etc/training'},
+    package_data = {'munchkin_nb.configs': ['*.env']},
     include_package_data = True,
     install_requires = requirements,
     extras_require = extras,

@@ -1,5 +1,5 @@
 "Shared fixtures: offline data ($MUNCHKIN_OFFLINE), a temporary project root, and console scripts as subprocesses"
-import os, sys, shutil, subprocess
+import os, sys, shutil, subprocess, urllib.request
 from pathlib import Path
 import pytest
 
@@ -11,15 +11,26 @@ BIN = Path(sys.executable).parent
 def bpe_available() -> bool:
     "Whether GPT-2's BPE loads here (online, from tiktoken's cache, or from $MUNCHKIN_OFFLINE)"
     from munchkin_nb.data import BPETokenizer
-    try: BPETokenizer(); return True
-    except Exception: return False
+    try:
+        BPETokenizer()
+    except Exception:
+        return False
+    return True
 
 @pytest.fixture(scope='session')
-def shakespeare_path() -> Path:
-    "Tiny Shakespeare on disk: `$MUNCHKIN_OFFLINE/input.txt`, else the repository's copy"
+def shakespeare_path(tmp_path_factory) -> Path:
+    "Tiny Shakespeare on disk: `$MUNCHKIN_OFFLINE/input.txt`, else the repository's copy, else downloaded once"
     for p in (offline_file('input.txt'), REPO/'etc'/'dataset'/'shakespeare_char'/'input.txt'):
         if p and p.is_file(): return p
-    pytest.skip('tiny Shakespeare is not available offline (set MUNCHKIN_OFFLINE to a folder holding input.txt)')
+    from munchkin_nb.prepare import SHAKESPEARE_URL
+    dest = tmp_path_factory.mktemp('download')/'input.txt'
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as r: dest.write_bytes(r.read())
+        return dest
+    except OSError as e:
+        why = f'tiny Shakespeare could not be downloaded ({e}); offline, set MUNCHKIN_OFFLINE (see the README)'
+    if os.environ.get('CI', '').lower() in ('1', 'true'): pytest.fail(why)
+    pytest.skip(why)
 
 @pytest.fixture(scope='session')
 def _prepared_char(tmp_path_factory, shakespeare_path):
