@@ -17,7 +17,7 @@ from .config import MunchkinError, atomic_write
 import torch
 import torch.nn.functional as F
 
-# %% ../nbs/14_cpu_speed.ipynb #b7e00365
+# %% ../nbs/14_cpu_speed.ipynb #5dfb63aa
 def openmp_policy() -> str:
     "How torch's OpenMP threads wait for work in this process, and who chose it"
     env = {k: os.environ[k] for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT') if k in os.environ}
@@ -26,7 +26,7 @@ def openmp_policy() -> str:
     setting = ', '.join(f"{k}={v}" for k, v in env.items())
     return f"{setting} ({'munchkin_nb default' if munchkin_nb.spin_default else 'set by the user'})"
 
-# %% ../nbs/14_cpu_speed.ipynb #229a38e4
+# %% ../nbs/14_cpu_speed.ipynb #93736737
 def usable_cores() -> int:
     "CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (`cpu.max`)"
     n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
@@ -36,7 +36,7 @@ def usable_cores() -> int:
         return n
     return n if quota == 'max' else max(1, min(n, math.ceil(int(quota) / int(period))))
 
-# %% ../nbs/14_cpu_speed.ipynb #37ae6b57
+# %% ../nbs/14_cpu_speed.ipynb #0df5d575
 def cpu_times():
     "(busy, total) jiffies of the whole machine and this process's busy jiffies; None without /proc"
     try:
@@ -56,7 +56,7 @@ def choose_threads(cores:int, busy:float) -> int:
     "Threads for `cores` usable CPUs when other processes keep `busy` of them busy: the free ones"
     return max(1, min(cores, int(cores - busy + 0.5)))
 
-# %% ../nbs/14_cpu_speed.ipynb #137bbfc1
+# %% ../nbs/14_cpu_speed.ipynb #fa58429c
 class ThreadController:
     "Adapts torch's threads to the CPUs other processes leave free; `tick()` after each unit"
     def __init__(self, n:int, # threads in use now
@@ -125,10 +125,10 @@ class ThreadController:
             self._change(want, f"{busy:.2f} CPUs busy elsewhere: trying {want}")
         self.t_check, self.mark, self.units = now, b, []
 
-# %% ../nbs/14_cpu_speed.ipynb #538652a8
+# %% ../nbs/14_cpu_speed.ipynb #0bfa3dab
 _MARK = (time.perf_counter(), cpu_times())     # the first /proc reading: import time
 _CONTROLLER = None                              # the ThreadController while threads adapt
-_TORCH_THREADS = torch.get_num_threads()        # torch's own choice: physical cores, no hyperthreads
+_TORCH_THREADS = torch.get_num_threads()        # torch's choice: physical cores, no hyperthreads
 
 def set_threads(n:int=0, # threads for torch; 0: the free cores now, then adapt to the load
                 window:float=0.2) -> int: # least seconds of /proc readings the first choice uses
@@ -224,7 +224,7 @@ def measure_matmul_peak(device='cpu', dtype=torch.float32, n:int=None, reps:int=
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
-# %% ../nbs/14_cpu_speed.ipynb #0514fe55
+# %% ../nbs/14_cpu_speed.ipynb #ac6eb192
 def device_name(device='cpu') -> str:
     "Model name of the CPU (from /proc/cpuinfo) or GPU."
     d = torch.device(device)
@@ -266,7 +266,7 @@ def matmul_peak(device='cpu', dtype=torch.float32,
             pass                                  # a read-only home: the peak is not remembered
     return best
 
-# %% ../nbs/14_cpu_speed.ipynb #43eee4d2
+# %% ../nbs/14_cpu_speed.ipynb #b89bc6bd
 @functools.cache
 def cpu_has_bf16():
     "Whether this CPU has bfloat16 instructions (avx512_bf16, AMX, Arm bf16); None when unknown"
@@ -345,7 +345,7 @@ class DecodeLinear:
         "Bytes of weight a product reads"
         return self.w.numel() * self.w.element_size()
 
-# %% ../nbs/14_cpu_speed.ipynb #80c51bb3
+# %% ../nbs/14_cpu_speed.ipynb #4976a518
 _DECODE_ROUTE = {}   # (model shape, threads) -> 'linear' | 'onednn' | 'bag'
 
 def _linears(model) -> list:
@@ -381,7 +381,7 @@ def decode_route(model, reps:int=3) -> str:
     best = min(med, key=med.get)
     return _DECODE_ROUTE.setdefault(key, best if med[best] < 0.9 * med['linear'] else 'linear')
 
-# %% ../nbs/14_cpu_speed.ipynb #45fe0dcf
+# %% ../nbs/14_cpu_speed.ipynb #0002ede5
 class DecodeStore:
     "A model's matrices prepared for decoding: four `DecodeLinear`s a block and the head"
     def __init__(self, model, weights:str='fp32'):
