@@ -123,7 +123,7 @@ def bench_sample(cfg:GPTConfig, new_tokens:int=500, device='cpu', same_window=Tr
     if same_window: r['speedup_vs_same_window'] = cached / r['same_window_nocache_tokens_per_s']
     return r
 
-# %% ../nbs/15_bench.ipynb #1eb2181c
+# %% ../nbs/15_bench.ipynb #3126e41d
 COMPETITOR = """
 import sys, torch
 torch.set_num_threads(int(sys.argv[1]))
@@ -195,7 +195,7 @@ def bench_load(cfg:GPTConfig, batch_size:int, n:int, # shape, batch size, compet
                       threads_loaded=threads[k, 'loaded'])
     return out
 
-# %% ../nbs/15_bench.ipynb #2d349411
+# %% ../nbs/15_bench.ipynb #fc5e5082
 def weight_read_limit(tensors, # float32 matrices, read once per pass
                       reps:int=3, device='cpu') -> dict:
     "Seconds to read every tensor once: the faster of two readers, best of `reps` cold passes"
@@ -262,7 +262,7 @@ def bench_decode(cfg:GPTConfig, weights=WEIGHT_FORMATS, tokens:int=64, repeats:i
                                  route=stores[w].how)
     return out
 
-# %% ../nbs/15_bench.ipynb #51d9e0e9
+# %% ../nbs/15_bench.ipynb #049b05b5
 class _FormatLinear(torch.nn.Module):
     "An `nn.Linear` computing with a `DecodeLinear`'s weight format, for any leading shape"
     def __init__(self, lin, weights:str):
@@ -452,7 +452,7 @@ def format_bench(rep) -> str:
     if 'decode' in rep: lines += _format_decode(rep['decode'])
     return '\n'.join(lines)
 
-# %% ../nbs/15_bench.ipynb #ae172bcd
+# %% ../nbs/15_bench.ipynb #13fe0083
 QUICK = dict(max_iters=6, eval_interval=3, eval_iters=2, batch_size=4, block_size=32, n_layer=1,
              n_head=2, n_embd=32, lr_decay_iters=6, warmup_iters=2, log_interval=1)
 

@@ -17,7 +17,7 @@ from .config import MunchkinError, atomic_write
 import torch
 import torch.nn.functional as F
 
-# %% ../nbs/14_cpu_speed.ipynb #5dfb63aa
+# %% ../nbs/14_cpu_speed.ipynb #210d7bab
 def openmp_policy() -> str:
     "How torch's OpenMP threads wait for work in this process, and who chose it"
     env = {k: os.environ[k] for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT') if k in os.environ}
@@ -26,7 +26,7 @@ def openmp_policy() -> str:
     setting = ', '.join(f"{k}={v}" for k, v in env.items())
     return f"{setting} ({'munchkin_nb default' if munchkin_nb.spin_default else 'set by the user'})"
 
-# %% ../nbs/14_cpu_speed.ipynb #93736737
+# %% ../nbs/14_cpu_speed.ipynb #2f2ed3fb
 def usable_cores() -> int:
     "CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (`cpu.max`)"
     n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
@@ -36,7 +36,7 @@ def usable_cores() -> int:
         return n
     return n if quota == 'max' else max(1, min(n, math.ceil(int(quota) / int(period))))
 
-# %% ../nbs/14_cpu_speed.ipynb #0df5d575
+# %% ../nbs/14_cpu_speed.ipynb #894478cd
 def cpu_times():
     "(busy, total) jiffies of the whole machine and this process's busy jiffies; None without /proc"
     try:
@@ -56,12 +56,12 @@ def choose_threads(cores:int, busy:float) -> int:
     "Threads for `cores` usable CPUs when other processes keep `busy` of them busy: the free ones"
     return max(1, min(cores, int(cores - busy + 0.5)))
 
-# %% ../nbs/14_cpu_speed.ipynb #fa58429c
+# %% ../nbs/14_cpu_speed.ipynb #998050a8
 class ThreadController:
     "Adapts torch's threads to the CPUs other processes leave free; `tick()` after each unit"
     def __init__(self, n:int, # threads in use now
                  cores:int=None, # usable CPUs (default `usable_cores()`)
-                 check_s:float=1.0, # seconds between judgements
+                 check_s:float=0.5, # least seconds between judgements (and 3 units at least)
                  gain:float=0.05, # how much faster a trial of more threads must be to stay
                  backoff_s:float=10.0, # first pause after a lost trial; doubles up to 16x
                  read=cpu_times, # the /proc reading; a test plays one (and the clock)
@@ -72,8 +72,8 @@ class ThreadController:
         self.backoff_s, self.read, self.clock = backoff_s, read, clock
         self._set_threads = set_threads
         self.unit = {}           # (kind, threads) -> median seconds a unit in the last window there
-        self.blocked = {}        # threads -> (no trial before this time, current pause)
-        self.trial = None        # the thread count a trial of more threads came from
+        self.blocked = {}        # (kind, threads) -> (no trial before this time, current pause)
+        self.trial = None        # (kind, threads) a trial of more threads came from
         self.log = deque(maxlen=100)   # (time, from, to, why) of each change
         self.kind = None
         self._window(self.clock())
@@ -88,44 +88,49 @@ class ThreadController:
         self.n = n
 
     def _block(self, n:int, now:float):
-        pause = min(16 * self.backoff_s, 2 * self.blocked.get(n, (0, self.backoff_s / 2))[1])
-        self.blocked[n] = (now + pause, pause)
+        "No trial of `n` threads for this kind of work for 10 s, then twice as long each time"
+        key = (self.kind, n)
+        pause = min(16 * self.backoff_s, 2 * self.blocked.get(key, (0, self.backoff_s / 2))[1])
+        self.blocked[key] = (now + pause, pause)
 
     def tick(self, kind:str='step') -> int:
         "One unit of work of `kind` ('step', 'token') is done; returns the threads to use"
         now = self.clock()
         if kind != self.kind:                    # a new kind of work: its own window
             self.kind = kind
+            if self.trial is not None and self.trial[0] != kind:   # a trial judges one kind
+                self._change(self.trial[1], "trial left unjudged: other work")
+                self.trial = None
             self._window(now)
             return self.n
         self.units.append(now - self.t_last)
         self.t_last = now
-        if now - self.t_check >= self.check_s: self._judge(now)
+        if now - self.t_check >= self.check_s and len(self.units) >= 3: self._judge(now)
         return self.n
 
     def _judge(self, now:float):
         b = self.read()
-        busy, n = busy_elsewhere(self.mark, b, self.ncpu), self.n
+        busy, n, kind = busy_elsewhere(self.mark, b, self.ncpu), self.n, self.kind
         want, med = choose_threads(self.cores, busy), statistics.median(self.units)
-        self.unit[self.kind, n] = med
-        one = self.unit.get((self.kind, 1))
+        self.unit[kind, n] = med
+        one = self.unit.get((kind, 1))
         if self.trial is not None:               # judge the trial of more threads
-            old = self.unit.get((self.kind, self.trial))
+            old = self.unit.get(self.trial)
             if old is not None and med > old * (1 - self.gain):
                 self._block(n, now)
-                self._change(self.trial, f"trial lost: {med * 1e3:.3g} vs {old * 1e3:.3g} ms")
-            else: self.blocked.pop(n, None)
+                self._change(self.trial[1], f"trial lost: {med * 1e3:.3g} vs {old * 1e3:.3g} ms")
+            else: self.blocked.pop((kind, n), None)
             self.trial = None
         elif want < n: self._change(want, f"{busy:.2f} CPUs busy elsewhere")
         elif n > 1 and one is not None and med > one * (1 + self.gain):
             self._block(n, now)
             self._change(1, f"{n} threads slower than 1: {med * 1e3:.3g} vs {one * 1e3:.3g} ms")
-        elif want > n and now >= self.blocked.get(want, (0, 0))[0]:
-            self.trial = n
+        elif want > n and now >= self.blocked.get((kind, want), (0, 0))[0]:
+            self.trial = (kind, n)
             self._change(want, f"{busy:.2f} CPUs busy elsewhere: trying {want}")
         self.t_check, self.mark, self.units = now, b, []
 
-# %% ../nbs/14_cpu_speed.ipynb #0bfa3dab
+# %% ../nbs/14_cpu_speed.ipynb #da20574f
 _MARK = (time.perf_counter(), cpu_times())     # the first /proc reading: import time
 _CONTROLLER = None                              # the ThreadController while threads adapt
 _TORCH_THREADS = torch.get_num_threads()        # torch's choice: physical cores, no hyperthreads
@@ -224,7 +229,7 @@ def measure_matmul_peak(device='cpu', dtype=torch.float32, n:int=None, reps:int=
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
-# %% ../nbs/14_cpu_speed.ipynb #ac6eb192
+# %% ../nbs/14_cpu_speed.ipynb #b76bc8f3
 def device_name(device='cpu') -> str:
     "Model name of the CPU (from /proc/cpuinfo) or GPU."
     d = torch.device(device)
@@ -266,7 +271,7 @@ def matmul_peak(device='cpu', dtype=torch.float32,
             pass                                  # a read-only home: the peak is not remembered
     return best
 
-# %% ../nbs/14_cpu_speed.ipynb #b89bc6bd
+# %% ../nbs/14_cpu_speed.ipynb #9eaeb9f5
 @functools.cache
 def cpu_has_bf16():
     "Whether this CPU has bfloat16 instructions (avx512_bf16, AMX, Arm bf16); None when unknown"
@@ -345,7 +350,7 @@ class DecodeLinear:
         "Bytes of weight a product reads"
         return self.w.numel() * self.w.element_size()
 
-# %% ../nbs/14_cpu_speed.ipynb #4976a518
+# %% ../nbs/14_cpu_speed.ipynb #aae0b9af
 _DECODE_ROUTE = {}   # (model shape, threads) -> 'linear' | 'onednn' | 'bag'
 
 def _linears(model) -> list:
@@ -381,7 +386,7 @@ def decode_route(model, reps:int=3) -> str:
     best = min(med, key=med.get)
     return _DECODE_ROUTE.setdefault(key, best if med[best] < 0.9 * med['linear'] else 'linear')
 
-# %% ../nbs/14_cpu_speed.ipynb #0002ede5
+# %% ../nbs/14_cpu_speed.ipynb #74dc189f
 class DecodeStore:
     "A model's matrices prepared for decoding: four `DecodeLinear`s a block and the head"
     def __init__(self, model, weights:str='fp32'):

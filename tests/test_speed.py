@@ -22,12 +22,12 @@ class Clock:
         self.j = (b + busy, tot + 200 * dt, own + ours)
         self.t += dt
 
-def run_units(ctl, clock, seconds, unit):
+def run_units(ctl, clock, seconds, unit, kind='step'):
     "Tick `ctl` after units of `unit(threads)` seconds for `seconds`"
     end = clock.t + seconds
     while clock.t < end:
         clock.advance(unit(ctl.n))
-        ctl.tick()
+        ctl.tick(kind)
 
 def test_thread_choice_under_synthetic_load():
     assert busy_elsewhere((100, 1000, 40), (250, 1200, 90), ncpu=2) == pytest.approx(1.0)
@@ -59,6 +59,9 @@ def test_lost_trial_backs_off():
     trials = [t for t, a, b, why in ctl.log if b == 2]
     assert len(trials) >= 2 and all(b == 1 for *_, b, why in ctl.log if why.startswith('trial'))
     assert trials[1] - trials[0] >= 10 and ctl.n == 1              # the second trial waited 10 s
+    ctl.tick('token')                                            # other work: its own trials
+    run_units(ctl, clock, 3, lambda n: 0.01 if n == 2 else 0.014, 'token')
+    assert ctl.n == 2 and ctl.log[-1][3].endswith('trying 2')
 
 def test_set_threads_respects_the_user():
     code = ('import os\nfrom munchkin_nb.kernels import set_threads, thread_controller\n'
