@@ -17,7 +17,7 @@ from .config import MunchkinError, atomic_write
 import torch
 import torch.nn.functional as F
 
-# %% ../nbs/14_cpu_speed.ipynb #210d7bab
+# %% ../nbs/14_cpu_speed.ipynb #5b9ba487
 def openmp_policy() -> str:
     "How torch's OpenMP threads wait for work in this process, and who chose it"
     env = {k: os.environ[k] for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT') if k in os.environ}
@@ -26,7 +26,7 @@ def openmp_policy() -> str:
     setting = ', '.join(f"{k}={v}" for k, v in env.items())
     return f"{setting} ({'munchkin_nb default' if munchkin_nb.spin_default else 'set by the user'})"
 
-# %% ../nbs/14_cpu_speed.ipynb #2f2ed3fb
+# %% ../nbs/14_cpu_speed.ipynb #9644e8a4
 def usable_cores() -> int:
     "CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (`cpu.max`)"
     n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
@@ -36,7 +36,7 @@ def usable_cores() -> int:
         return n
     return n if quota == 'max' else max(1, min(n, math.ceil(int(quota) / int(period))))
 
-# %% ../nbs/14_cpu_speed.ipynb #894478cd
+# %% ../nbs/14_cpu_speed.ipynb #69490580
 def cpu_times():
     "(busy, total) jiffies of the whole machine and this process's busy jiffies; None without /proc"
     try:
@@ -56,12 +56,12 @@ def choose_threads(cores:int, busy:float) -> int:
     "Threads for `cores` usable CPUs when other processes keep `busy` of them busy: the free ones"
     return max(1, min(cores, int(cores - busy + 0.5)))
 
-# %% ../nbs/14_cpu_speed.ipynb #998050a8
+# %% ../nbs/14_cpu_speed.ipynb #41064f84
 class ThreadController:
     "Adapts torch's threads to the CPUs other processes leave free; `tick()` after each unit"
     def __init__(self, n:int, # threads in use now
                  cores:int=None, # usable CPUs (default `usable_cores()`)
-                 check_s:float=0.5, # least seconds between judgements (and 3 units at least)
+                 check_s:float=0.5, # seconds between judgements (timings need 3 units or more)
                  gain:float=0.05, # how much faster a trial of more threads must be to stay
                  backoff_s:float=10.0, # first pause after a lost trial; doubles up to 16x
                  read=cpu_times, # the /proc reading; a test plays one (and the clock)
@@ -105,13 +105,19 @@ class ThreadController:
             return self.n
         self.units.append(now - self.t_last)
         self.t_last = now
-        if now - self.t_check >= self.check_s and len(self.units) >= 3: self._judge(now)
+        if now - self.t_check >= self.check_s: self._judge(now)
         return self.n
 
     def _judge(self, now:float):
         b = self.read()
         busy, n, kind = busy_elsewhere(self.mark, b, self.ncpu), self.n, self.kind
-        want, med = choose_threads(self.cores, busy), statistics.median(self.units)
+        want = choose_threads(self.cores, busy)
+        self.t_check, self.mark = now, b
+        if want < n:                             # others need CPUs: give them up at once
+            self.trial, self.units = None, []
+            return self._change(want, f"{busy:.2f} CPUs busy elsewhere")
+        if len(self.units) < 3: return           # too few units to time yet
+        med, self.units = statistics.median(self.units), []
         self.unit[kind, n] = med
         one = self.unit.get((kind, 1))
         if self.trial is not None:               # judge the trial of more threads
@@ -121,16 +127,14 @@ class ThreadController:
                 self._change(self.trial[1], f"trial lost: {med * 1e3:.3g} vs {old * 1e3:.3g} ms")
             else: self.blocked.pop((kind, n), None)
             self.trial = None
-        elif want < n: self._change(want, f"{busy:.2f} CPUs busy elsewhere")
         elif n > 1 and one is not None and med > one * (1 + self.gain):
             self._block(n, now)
             self._change(1, f"{n} threads slower than 1: {med * 1e3:.3g} vs {one * 1e3:.3g} ms")
         elif want > n and now >= self.blocked.get((kind, want), (0, 0))[0]:
             self.trial = (kind, n)
             self._change(want, f"{busy:.2f} CPUs busy elsewhere: trying {want}")
-        self.t_check, self.mark, self.units = now, b, []
 
-# %% ../nbs/14_cpu_speed.ipynb #da20574f
+# %% ../nbs/14_cpu_speed.ipynb #8a2d0717
 _MARK = (time.perf_counter(), cpu_times())     # the first /proc reading: import time
 _CONTROLLER = None                              # the ThreadController while threads adapt
 _TORCH_THREADS = torch.get_num_threads()        # torch's choice: physical cores, no hyperthreads
@@ -229,7 +233,7 @@ def measure_matmul_peak(device='cpu', dtype=torch.float32, n:int=None, reps:int=
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
-# %% ../nbs/14_cpu_speed.ipynb #b76bc8f3
+# %% ../nbs/14_cpu_speed.ipynb #c2a3bc82
 def device_name(device='cpu') -> str:
     "Model name of the CPU (from /proc/cpuinfo) or GPU."
     d = torch.device(device)
@@ -271,7 +275,7 @@ def matmul_peak(device='cpu', dtype=torch.float32,
             pass                                  # a read-only home: the peak is not remembered
     return best
 
-# %% ../nbs/14_cpu_speed.ipynb #9eaeb9f5
+# %% ../nbs/14_cpu_speed.ipynb #02ad3e0f
 @functools.cache
 def cpu_has_bf16():
     "Whether this CPU has bfloat16 instructions (avx512_bf16, AMX, Arm bf16); None when unknown"
@@ -350,7 +354,7 @@ class DecodeLinear:
         "Bytes of weight a product reads"
         return self.w.numel() * self.w.element_size()
 
-# %% ../nbs/14_cpu_speed.ipynb #aae0b9af
+# %% ../nbs/14_cpu_speed.ipynb #6b134393
 _DECODE_ROUTE = {}   # (model shape, threads) -> 'linear' | 'onednn' | 'bag'
 
 def _linears(model) -> list:
@@ -386,7 +390,7 @@ def decode_route(model, reps:int=3) -> str:
     best = min(med, key=med.get)
     return _DECODE_ROUTE.setdefault(key, best if med[best] < 0.9 * med['linear'] else 'linear')
 
-# %% ../nbs/14_cpu_speed.ipynb #74dc189f
+# %% ../nbs/14_cpu_speed.ipynb #2f35a68d
 class DecodeStore:
     "A model's matrices prepared for decoding: four `DecodeLinear`s a block and the head"
     def __init__(self, model, weights:str='fp32'):
