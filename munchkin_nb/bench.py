@@ -123,7 +123,7 @@ def bench_sample(cfg:GPTConfig, new_tokens:int=500, device='cpu', same_window=Tr
     if same_window: r['speedup_vs_same_window'] = cached / r['same_window_nocache_tokens_per_s']
     return r
 
-# %% ../nbs/15_bench.ipynb #3126e41d
+# %% ../nbs/15_bench.ipynb #d5285293
 COMPETITOR = """
 import sys, torch
 torch.set_num_threads(int(sys.argv[1]))
@@ -195,7 +195,7 @@ def bench_load(cfg:GPTConfig, batch_size:int, n:int, # shape, batch size, compet
                       threads_loaded=threads[k, 'loaded'])
     return out
 
-# %% ../nbs/15_bench.ipynb #fc5e5082
+# %% ../nbs/15_bench.ipynb #0d4c6b13
 def weight_read_limit(tensors, # float32 matrices, read once per pass
                       reps:int=3, device='cpu') -> dict:
     "Seconds to read every tensor once: the faster of two readers, best of `reps` cold passes"
@@ -262,7 +262,7 @@ def bench_decode(cfg:GPTConfig, weights=WEIGHT_FORMATS, tokens:int=64, repeats:i
                                  route=stores[w].how)
     return out
 
-# %% ../nbs/15_bench.ipynb #049b05b5
+# %% ../nbs/15_bench.ipynb #a3fdab22
 class _FormatLinear(torch.nn.Module):
     "An `nn.Linear` computing with a `DecodeLinear`'s weight format, for any leading shape"
     def __init__(self, lin, weights:str):
@@ -452,7 +452,7 @@ def format_bench(rep) -> str:
     if 'decode' in rep: lines += _format_decode(rep['decode'])
     return '\n'.join(lines)
 
-# %% ../nbs/15_bench.ipynb #13fe0083
+# %% ../nbs/15_bench.ipynb #b6ba7061
 QUICK = dict(max_iters=6, eval_interval=3, eval_iters=2, batch_size=4, block_size=32, n_layer=1,
              n_head=2, n_embd=32, lr_decay_iters=6, warmup_iters=2, log_interval=1)
 
@@ -495,9 +495,9 @@ def _nanogpt_checkout(path, dest:Path) -> Path:
         shutil.copytree(path, dest, ignore=shutil.ignore_patterns('.git', 'out*'))
     else:
         dest.mkdir(parents=True)
-        git = ['git', '--git-dir', str(path), 'archive', 'HEAD']
-        tar = subprocess.run(git, capture_output=True, check=True).stdout
-        subprocess.run(['tar', '-x', '-C', str(dest)], input=tar, check=True)
+        git = subprocess.run(['git', f'--git-dir={path}', 'archive', 'HEAD'], capture_output=True)
+        if git.returncode == 0:
+            subprocess.run(['tar', '-x', '-C', str(dest)], input=git.stdout, check=True)
     if not (dest/'train.py').exists():
         raise MunchkinError(f"{path} holds no nanoGPT train.py; pass --nanogpt a nanoGPT checkout")
     return dest
@@ -527,6 +527,8 @@ def gpu_check(device='cuda', nanogpt=None, quick:bool=False, budget_s:float=540.
     source = source or offline_file('input.txt')
     if source is None or not Path(source).is_file():
         raise MunchkinError("tiny Shakespeare is needed: pass --source PATH to its input.txt")
+    if nanogpt and not Path(nanogpt).exists():
+        raise MunchkinError(f"--nanogpt {nanogpt} does not exist; pass a nanoGPT checkout")
     t_end = time.perf_counter() + budget_s
     left = lambda: t_end - time.perf_counter()
     work = Path(workdir or tempfile.mkdtemp(prefix='munchkin-gpu-check-'))

@@ -167,5 +167,7 @@ def test_gpu_check_dry_run(tmp_path, shakespeare_path):
     q = run_script('munchkin-nb-bench', '--quality', ckpt, '--quality_tokens', 20, '--out', '',
                    env={'MUNCHKIN_ROOT': str(tmp_path/'work')})
     assert q.returncode == 0 and 'int8' in q.stdout and 'same greedy' in q.stdout, q.stderr
+    assert_one_line_error(run_script('munchkin-nb-bench', '--gpu_check', '--quick', '--nanogpt', tmp_path/'no',
+                                     '--device', 'cpu', '--out', ''), 'nanogpt')
     assert_one_line_error(run_script('munchkin-nb-bench', '--gpu_check', '--out', ''),
                           'no CUDA GPU' if not torch.cuda.is_available() else 'tiny Shakespeare')
