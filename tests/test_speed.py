@@ -166,8 +166,8 @@ def test_gpu_check_dry_run(tmp_path, shakespeare_path):
     ckpt = tmp_path/'work'/'models'/'gc-bf16'/'checkpoint.pt'
     q = run_script('munchkin-nb-bench', '--quality', ckpt, '--quality_tokens', 20, '--out', '',
                    env={'MUNCHKIN_ROOT': str(tmp_path/'work')})
-    assert q.returncode == 0 and 'int8' in q.stdout and 'same greedy' in q.stdout, q.stderr
-    assert_one_line_error(run_script('munchkin-nb-bench', '--gpu_check', '--quick', '--nanogpt', tmp_path/'no',
-                                     '--device', 'cpu', '--out', ''), 'nanogpt')
-    assert_one_line_error(run_script('munchkin-nb-bench', '--gpu_check', '--out', ''),
-                          'no CUDA GPU' if not torch.cuda.is_available() else 'tiny Shakespeare')
+    assert q.returncode == 0 and 'int8' in q.stdout and 'forced' in q.stdout, q.stderr
+    check = lambda *a: run_script('munchkin-nb-bench', '--gpu_check', *a, '--out', '')
+    assert_one_line_error(check('--quick', '--device', 'cpu', '--nanogpt', tmp_path/'no'), 'nanogpt')
+    no_gpu = 'no CUDA GPU' if not torch.cuda.is_available() else 'tiny Shakespeare'
+    assert_one_line_error(check(), no_gpu)
