@@ -168,6 +168,6 @@ def test_gpu_check_dry_run(tmp_path, shakespeare_path):
                    env={'MUNCHKIN_ROOT': str(tmp_path/'work')})
     assert q.returncode == 0 and 'int8' in q.stdout and 'forced' in q.stdout, q.stderr
     check = lambda *a: run_script('munchkin-nb-bench', '--gpu_check', *a, '--out', '')
-    assert_one_line_error(check('--quick', '--device', 'cpu', '--nanogpt', tmp_path/'no'), 'nanogpt')
+    assert_one_line_error(check('--quick', '--device', 'cpu', '--nanogpt', tmp_path/'x'), 'nanogpt')
     no_gpu = 'no CUDA GPU' if not torch.cuda.is_available() else 'tiny Shakespeare'
     assert_one_line_error(check(), no_gpu)
