@@ -123,14 +123,15 @@ def bench_sample(cfg:GPTConfig, new_tokens:int=500, device='cpu', same_window=Tr
     if same_window: r['speedup_vs_same_window'] = cached / r['same_window_nocache_tokens_per_s']
     return r
 
-# %% ../nbs/15_bench.ipynb #d5285293
+# %% ../nbs/15_bench.ipynb #215929ef
 COMPETITOR = """
-import sys, torch
+import os, sys, torch
 torch.set_num_threads(int(sys.argv[1]))
+parent = int(sys.argv[2])
 a = torch.randn(512, 512)
 b = a @ a
 print('ready', flush=True)
-while True:
+while os.getppid() == parent:     # ends with the bench, however the bench ends
     b = a @ a
 """
 
@@ -143,7 +144,7 @@ def competitors(n:int, # how many processes
     procs = []
     try:
         for _ in range(n):
-            cmd = [sys.executable, '-c', COMPETITOR, str(threads)]
+            cmd = [sys.executable, '-c', COMPETITOR, str(threads), str(os.getpid())]
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                           stderr=subprocess.DEVNULL, text=True))
         for p in procs:
@@ -195,7 +196,7 @@ def bench_load(cfg:GPTConfig, batch_size:int, n:int, # shape, batch size, compet
                       threads_loaded=threads[k, 'loaded'])
     return out
 
-# %% ../nbs/15_bench.ipynb #0d4c6b13
+# %% ../nbs/15_bench.ipynb #e4ac5281
 def weight_read_limit(tensors, # float32 matrices, read once per pass
                       reps:int=3, device='cpu') -> dict:
     "Seconds to read every tensor once: the faster of two readers, best of `reps` cold passes"
@@ -262,7 +263,7 @@ def bench_decode(cfg:GPTConfig, weights=WEIGHT_FORMATS, tokens:int=64, repeats:i
                                  route=stores[w].how)
     return out
 
-# %% ../nbs/15_bench.ipynb #a3fdab22
+# %% ../nbs/15_bench.ipynb #6f03387d
 class _FormatLinear(torch.nn.Module):
     "An `nn.Linear` computing with a `DecodeLinear`'s weight format, for any leading shape"
     def __init__(self, lin, weights:str):
@@ -452,7 +453,7 @@ def format_bench(rep) -> str:
     if 'decode' in rep: lines += _format_decode(rep['decode'])
     return '\n'.join(lines)
 
-# %% ../nbs/15_bench.ipynb #b6ba7061
+# %% ../nbs/15_bench.ipynb #e5ca19a4
 QUICK = dict(max_iters=6, eval_interval=3, eval_iters=2, batch_size=4, block_size=32, n_layer=1,
              n_head=2, n_embd=32, lr_decay_iters=6, warmup_iters=2, log_interval=1)
 

@@ -1,12 +1,12 @@
 "Speed: thread choice under a synthetic load, bf16/int8 decoding, the bench under load, GPU dry run"
-import os, sys, json, subprocess
+import os, sys, json, time, subprocess
 from pathlib import Path
 import pytest
 import torch
 from munchkin_nb.kernels import (ThreadController, busy_elsewhere, choose_threads, set_threads,
                                  decode_store, decode_step, DecodeLinear)
 from munchkin_nb.gpt import GPT, GPTConfig
-from munchkin_nb.bench import competitors
+from munchkin_nb.bench import competitors, COMPETITOR
 from conftest import REPO, run_script, assert_one_line_error
 
 NANOGPT = Path('/work/.mirror/karpathy+nanoGPT/repo')
@@ -119,12 +119,21 @@ def test_reduced_precision_decoding_close_and_greedy_equal(trained):
     assert DecodeLinear(m.lm_head.weight, None, 'int8').nbytes() == m.lm_head.weight.numel()
 
 def test_competitors_run_as_others_do():
-    "Competitors run libgomp's default spin (not our GOMP_SPINCOUNT) and stop with the block"
+    "Competitors run libgomp's default spin (not our GOMP_SPINCOUNT), stop with the block or the bench"
     with competitors(1) as (p,):
         environ = Path(f'/proc/{p.pid}/environ')
         env = environ.read_bytes().split(b'\0') if environ.exists() else []
         assert p.poll() is None and not any(e.startswith(b'GOMP_SPINCOUNT=') for e in env)
     assert p.poll() is not None
+    orphan = ("import subprocess, sys, os\n"
+              "p = subprocess.Popen([sys.executable, '-c', sys.argv[1], '1', str(os.getpid())],"
+              " stdout=subprocess.PIPE, text=True)\n"
+              "print(p.stdout.readline().strip(), p.pid, flush=True)\nos._exit(0)")  # dies, leaves it
+    ready, pid = subprocess.run([sys.executable, '-c', orphan, COMPETITOR], capture_output=True,
+                                text=True, timeout=120).stdout.split()
+    time.sleep(1.5)
+    stat = Path(f'/proc/{pid}/stat')
+    assert ready == 'ready' and (not stat.exists() or stat.read_text().split()[2] == 'Z')
 
 def test_bench_cli_under_load(tmp_path):
     out = tmp_path/'b.json'
