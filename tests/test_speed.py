@@ -119,7 +119,7 @@ def test_reduced_precision_decoding_close_and_greedy_equal(trained):
     assert DecodeLinear(m.lm_head.weight, None, 'int8').nbytes() == m.lm_head.weight.numel()
 
 def test_competitors_run_as_others_do():
-    "Competitors run libgomp's default spin (not our GOMP_SPINCOUNT), stop with the block or the bench"
+    "Competitors spin as libgomp does by default, and stop with the block or with the bench"
     with competitors(1) as (p,):
         environ = Path(f'/proc/{p.pid}/environ')
         env = environ.read_bytes().split(b'\0') if environ.exists() else []
@@ -128,7 +128,8 @@ def test_competitors_run_as_others_do():
     orphan = ("import subprocess, sys, os\n"
               "p = subprocess.Popen([sys.executable, '-c', sys.argv[1], '1', str(os.getpid())],"
               " stdout=subprocess.PIPE, text=True)\n"
-              "print(p.stdout.readline().strip(), p.pid, flush=True)\nos._exit(0)")  # dies, leaves it
+              "print(p.stdout.readline().strip(), p.pid, flush=True)\n"
+              "os._exit(0)")                                   # a bench that dies, leaving it
     ready, pid = subprocess.run([sys.executable, '-c', orphan, COMPETITOR], capture_output=True,
                                 text=True, timeout=120).stdout.split()
     time.sleep(1.5)
