@@ -15,9 +15,9 @@ import munchkin_nb
 from .config import MunchkinError, Parser, run_cli, say, offline_file
 from .data import iter_split
 from .gpt import GPT, GPTConfig
-from .kernels import (set_threads, threads_tick, thread_controller, openmp_policy,
-                                 matmul_peak, device_name, decode_store, cpu_has_bf16, DecodeLinear,
-                                 WEIGHT_FORMATS)
+from .kernels import (set_threads, threads_tick, thread_controller, fixed_threads,
+                                 openmp_policy, matmul_peak, device_name, decode_store,
+                                 cpu_has_bf16, DecodeLinear, WEIGHT_FORMATS)
 import torch
 import torch.nn.functional as F
 
@@ -123,7 +123,7 @@ def bench_sample(cfg:GPTConfig, new_tokens:int=500, device='cpu', same_window=Tr
     if same_window: r['speedup_vs_same_window'] = cached / r['same_window_nocache_tokens_per_s']
     return r
 
-# %% ../nbs/15_bench.ipynb #215929ef
+# %% ../nbs/15_bench.ipynb #adbe5ac2
 COMPETITOR = """
 import os, sys, torch
 torch.set_num_threads(int(sys.argv[1]))
@@ -181,14 +181,18 @@ def bench_load(cfg:GPTConfig, batch_size:int, n:int, # shape, batch size, compet
         next(stream)
         return 1
     runs = {(k, p): [] for k in ('train', 'sample') for p in ('idle', 'loaded')}
-    threads = {}
+    threads, changes, ctl = {}, [], thread_controller()
     for r in range(repeats):
         for phase in (('idle', 'loaded') if r % 2 == 0 else ('loaded', 'idle')):
             with competitors(n if phase == 'loaded' else 0):
                 for kind, work in (('train', train_work), ('sample', sample_work)):
+                    seen = ctl.changes if ctl else 0
                     runs[kind, phase].append(rate(work, seconds, warmup))
                     threads[kind, phase] = torch.get_num_threads()
-    out = dict(competitors=n, seconds=seconds, warmup=warmup, repeats=repeats)
+                    if ctl and ctl.changes > seen:                 # what the controller did
+                        k = min(ctl.changes - seen, len(ctl.log))
+                        changes += [(r, phase, kind, *c) for c in list(ctl.log)[-k:]]
+    out = dict(competitors=n, seconds=seconds, warmup=warmup, repeats=repeats, changes=changes)
     for k in ('train', 'sample'):
         idle, loaded = statistics.median(runs[k, 'idle']), statistics.median(runs[k, 'loaded'])
         out[k] = dict(idle=idle, loaded=loaded, ratio=loaded / idle, runs_idle=runs[k, 'idle'],
@@ -196,7 +200,7 @@ def bench_load(cfg:GPTConfig, batch_size:int, n:int, # shape, batch size, compet
                       threads_loaded=threads[k, 'loaded'])
     return out
 
-# %% ../nbs/15_bench.ipynb #e4ac5281
+# %% ../nbs/15_bench.ipynb #0290723a
 def weight_read_limit(tensors, # float32 matrices, read once per pass
                       reps:int=3, device='cpu') -> dict:
     "Seconds to read every tensor once: the faster of two readers, best of `reps` cold passes"
@@ -233,11 +237,14 @@ def decode_rate(model:GPT, weights:str, tokens:int, device='cpu', seed=1337) -> 
     return n / (time.perf_counter() - t0)
 
 def bench_decode(cfg:GPTConfig, weights=WEIGHT_FORMATS, tokens:int=64, repeats:int=3,
-                 device='cpu', seed=1337) -> dict:
+                 device='cpu', seed=1337, threads:int=None) -> dict:
     "Cached decoding tokens/s per weight format (random weights) against the weight-read limit"
+    with fixed_threads(threads):                   # the limit and decoding on the same threads
+        return _bench_decode(cfg, tuple(weights), tokens, repeats, device, seed)
+
+def _bench_decode(cfg, weights, tokens, repeats, device, seed) -> dict:
     torch.manual_seed(seed)
     model = GPT(cfg).to(device).eval()
-    weights = tuple(weights)
     prep, stores = {}, {}
     for w in dict.fromkeys(('fp32',) + weights):
         t0 = time.perf_counter()
@@ -263,7 +270,7 @@ def bench_decode(cfg:GPTConfig, weights=WEIGHT_FORMATS, tokens:int=64, repeats:i
                                  route=stores[w].how)
     return out
 
-# %% ../nbs/15_bench.ipynb #6f03387d
+# %% ../nbs/15_bench.ipynb #06962015
 class _FormatLinear(torch.nn.Module):
     "An `nn.Linear` computing with a `DecodeLinear`'s weight format, for any leading shape"
     def __init__(self, lin, weights:str):
@@ -384,7 +391,7 @@ def run_bench(configs='shakespeare-char-cpu,shakespeare-char', # comma-separated
     for r in rep['results']: r['train']['mfu'] = r['train']['achieved_flops'] / peak
     if decode:
         d = bench_decode(GPTConfig(**bench_shape(decode)[0]), decode_weights, decode_tokens,
-                         decode_repeats, device)
+                         decode_repeats, device, threads=chosen or None)
         rep['decode'] = dict(config=decode, **d)
     return rep
 
@@ -453,7 +460,7 @@ def format_bench(rep) -> str:
     if 'decode' in rep: lines += _format_decode(rep['decode'])
     return '\n'.join(lines)
 
-# %% ../nbs/15_bench.ipynb #e5ca19a4
+# %% ../nbs/15_bench.ipynb #aa15fc2d
 QUICK = dict(max_iters=6, eval_interval=3, eval_iters=2, batch_size=4, block_size=32, n_layer=1,
              n_head=2, n_embd=32, lr_decay_iters=6, warmup_iters=2, log_interval=1)
 

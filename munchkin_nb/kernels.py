@@ -4,12 +4,12 @@
 
 # %% auto #0
 __all__ = ['WEIGHT_FORMATS', 'openmp_policy', 'usable_cores', 'cpu_times', 'busy_elsewhere', 'choose_threads', 'ThreadController',
-           'set_threads', 'threads_tick', 'thread_controller', 'mask_dropout', 'blocked_causal_attention',
-           'measure_matmul_peak', 'device_name', 'peak_cache_file', 'matmul_peak', 'cpu_has_bf16', 'DecodeLinear',
-           'decode_route', 'DecodeStore', 'decode_store', 'decode_step']
+           'set_threads', 'threads_tick', 'thread_controller', 'fixed_threads', 'mask_dropout',
+           'blocked_causal_attention', 'measure_matmul_peak', 'device_name', 'peak_cache_file', 'matmul_peak',
+           'cpu_has_bf16', 'DecodeLinear', 'decode_route', 'DecodeStore', 'decode_store', 'decode_step']
 
 # %% ../nbs/14_cpu_speed.ipynb #76f70322
-import os, math, time, json, platform, statistics, functools, weakref
+import os, math, time, json, platform, statistics, functools, weakref, contextlib
 from collections import deque
 from pathlib import Path
 import munchkin_nb
@@ -17,7 +17,7 @@ from .config import MunchkinError, atomic_write
 import torch
 import torch.nn.functional as F
 
-# %% ../nbs/14_cpu_speed.ipynb #5b9ba487
+# %% ../nbs/14_cpu_speed.ipynb #23a55daf
 def openmp_policy() -> str:
     "How torch's OpenMP threads wait for work in this process, and who chose it"
     env = {k: os.environ[k] for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT') if k in os.environ}
@@ -26,7 +26,7 @@ def openmp_policy() -> str:
     setting = ', '.join(f"{k}={v}" for k, v in env.items())
     return f"{setting} ({'munchkin_nb default' if munchkin_nb.spin_default else 'set by the user'})"
 
-# %% ../nbs/14_cpu_speed.ipynb #9644e8a4
+# %% ../nbs/14_cpu_speed.ipynb #e5eabc64
 def usable_cores() -> int:
     "CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (`cpu.max`)"
     n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
@@ -36,7 +36,7 @@ def usable_cores() -> int:
         return n
     return n if quota == 'max' else max(1, min(n, math.ceil(int(quota) / int(period))))
 
-# %% ../nbs/14_cpu_speed.ipynb #69490580
+# %% ../nbs/14_cpu_speed.ipynb #f2784f84
 def cpu_times():
     "(busy, total) jiffies of the whole machine and this process's busy jiffies; None without /proc"
     try:
@@ -56,7 +56,7 @@ def choose_threads(cores:int, busy:float) -> int:
     "Threads for `cores` usable CPUs when other processes keep `busy` of them busy: the free ones"
     return max(1, min(cores, int(cores - busy + 0.5)))
 
-# %% ../nbs/14_cpu_speed.ipynb #41064f84
+# %% ../nbs/14_cpu_speed.ipynb #1d22830e
 class ThreadController:
     "Adapts torch's threads to the CPUs other processes leave free; `tick()` after each unit"
     def __init__(self, n:int, # threads in use now
@@ -74,8 +74,8 @@ class ThreadController:
         self.unit = {}           # (kind, threads) -> median seconds a unit in the last window there
         self.blocked = {}        # (kind, threads) -> (no trial before this time, current pause)
         self.trial = None        # (kind, threads) a trial of more threads came from
-        self.log = deque(maxlen=100)   # (time, from, to, why) of each change
-        self.kind = None
+        self.log = deque(maxlen=100)   # (time, from, to, why) of the last changes
+        self.kind, self.changes = None, 0
         self._window(self.clock())
 
     def _window(self, now):
@@ -83,6 +83,7 @@ class ThreadController:
         self.mark, self.units = self.read(), []
 
     def _change(self, n:int, why:str):
+        self.changes += 1
         self.log.append((round(self.clock(), 2), self.n, n, why))
         self._set_threads(n)
         self.n = n
@@ -134,7 +135,7 @@ class ThreadController:
             self.trial = (kind, n)
             self._change(want, f"{busy:.2f} CPUs busy elsewhere: trying {want}")
 
-# %% ../nbs/14_cpu_speed.ipynb #8a2d0717
+# %% ../nbs/14_cpu_speed.ipynb #449d1a4e
 _MARK = (time.perf_counter(), cpu_times())     # the first /proc reading: import time
 _CONTROLLER = None                              # the ThreadController while threads adapt
 _TORCH_THREADS = torch.get_num_threads()        # torch's choice: physical cores, no hyperthreads
@@ -169,6 +170,19 @@ def threads_tick(kind:str='step') -> int:
 def thread_controller():
     "The running `ThreadController`, or None when the threads are fixed"
     return _CONTROLLER
+
+@contextlib.contextmanager
+def fixed_threads(n:int=None): # threads for the block (default: those in use now)
+    "Run the block on `n` threads with the controller paused (a benchmark's fixed setting)"
+    global _CONTROLLER
+    saved, before = _CONTROLLER, torch.get_num_threads()
+    _CONTROLLER = None
+    torch.set_num_threads(n or before)
+    try:
+        yield n or before
+    finally:
+        torch.set_num_threads(before)
+        _CONTROLLER = saved
 
 # %% ../nbs/14_cpu_speed.ipynb #00aaaa92
 class _MaskDropout(torch.autograd.Function):
@@ -233,7 +247,7 @@ def measure_matmul_peak(device='cpu', dtype=torch.float32, n:int=None, reps:int=
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
-# %% ../nbs/14_cpu_speed.ipynb #c2a3bc82
+# %% ../nbs/14_cpu_speed.ipynb #82b6dedf
 def device_name(device='cpu') -> str:
     "Model name of the CPU (from /proc/cpuinfo) or GPU."
     d = torch.device(device)
@@ -275,7 +289,7 @@ def matmul_peak(device='cpu', dtype=torch.float32,
             pass                                  # a read-only home: the peak is not remembered
     return best
 
-# %% ../nbs/14_cpu_speed.ipynb #02ad3e0f
+# %% ../nbs/14_cpu_speed.ipynb #7251bc06
 @functools.cache
 def cpu_has_bf16():
     "Whether this CPU has bfloat16 instructions (avx512_bf16, AMX, Arm bf16); None when unknown"
@@ -354,7 +368,7 @@ class DecodeLinear:
         "Bytes of weight a product reads"
         return self.w.numel() * self.w.element_size()
 
-# %% ../nbs/14_cpu_speed.ipynb #6b134393
+# %% ../nbs/14_cpu_speed.ipynb #c00d5969
 _DECODE_ROUTE = {}   # (model shape, threads) -> 'linear' | 'onednn' | 'bag'
 
 def _linears(model) -> list:
@@ -390,7 +404,7 @@ def decode_route(model, reps:int=3) -> str:
     best = min(med, key=med.get)
     return _DECODE_ROUTE.setdefault(key, best if med[best] < 0.9 * med['linear'] else 'linear')
 
-# %% ../nbs/14_cpu_speed.ipynb #2f35a68d
+# %% ../nbs/14_cpu_speed.ipynb #9f9fb3ac
 class DecodeStore:
     "A model's matrices prepared for decoding: four `DecodeLinear`s a block and the head"
     def __init__(self, model, weights:str='fp32'):
