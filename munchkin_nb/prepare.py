@@ -334,8 +334,6 @@ def _lock(dataset:str):
 def _plan(dataset:str, source, tokenizer, val_size) -> dict:
     "The tokenizer, val_size and source a prepare of `dataset` uses, checked"
     check_name(dataset, 'dataset name')
-    if dataset.startswith('.'):  # hidden names are the builds' and the locks'
-        raise MunchkinError(f"dataset name {dataset!r} must not start with '.'; choose another")
     if tokenizer is not None and tokenizer not in TOKENIZERS:
         raise MunchkinError(f"unknown tokenizer {tokenizer!r}; use char or gpt2")
     builtin = BUILTINS.get(dataset)
