@@ -97,7 +97,7 @@ BAD = [  # (arguments, what the one error line says)
     (['mine', '--source', '{good}x'], "good.txtx' does not exist; pass --source an existing file or folder"),
     (['mine', '--source', 'http://127.0.0.1:9/input.txt'], "cannot download http://127.0.0.1:9/input.txt ("),
     (['mine', '--source', '{good}', '--threads', '-1'], "--threads -1 must be 0 (all cores) or more"),
-    (['..', '--source', '{good}'], "dataset name '..' must be letters, digits"),
+    (['..', '--source', '{good}'], "dataset name '..' must be 1 to 100 letters, digits"),
     (['mine'], "unknown dataset 'mine' (prepared: shakespeare_char; built in: shakespeare_char, shakespeare, "
                "openwebtext); make it from a text with munchkin-nb-prepare mine --source PATH --tokenizer char"),
     ([], "give a dataset NAME (or --list)"),
