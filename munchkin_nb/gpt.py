@@ -213,7 +213,11 @@ def sample_next(logits, # (B, vocab) logits of the next token
     "Next token ids (B, 1): greedy at temperature 0, else drawn from `shape_logits`."
     if temperature == 0: return logits.argmax(dim=-1, keepdim=True)
     probs = F.softmax(shape_logits(logits, temperature, top_k, top_p), dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    if probs.size(-1) < 4096: return torch.multinomial(probs, num_samples=1, generator=generator)
+    # large vocabularies: one uniform per row against the CDF (multinomial draws one per token)
+    cdf = probs.float().cumsum(-1)
+    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)
 
 # %% ../nbs/02_gpt.ipynb #a3ec34ff
 @patch
