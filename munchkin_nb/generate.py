@@ -265,7 +265,7 @@ def _controls(self:SamplerWidget, prompt, max_tokens, temperature, top_k, top_p,
     k_max = min(self.sampler.vocab_size, 200)
     self.top_k = W.IntSlider(value=top_k, min=0, max=k_max, description='top-k (0: off)', **st)
     self.top_p = W.FloatSlider(value=top_p, min=0.05, max=1, step=0.05, description='top-p', **st)
-    self.max_tokens = W.IntSlider(value=max_tokens, min=1, max=max(2000, max_tokens),
+    self.max_tokens = W.IntSlider(value=max_tokens, min=1, max=max(10_000, max_tokens),
                                   description='max tokens', **st)
     self.seed = W.IntText(value=seed, description='seed', **st)
     self.weights = W.Dropdown(options=WEIGHTS, value=self.sampler.weights, description='weights',
@@ -280,7 +280,7 @@ def _buttons(self:SamplerWidget):
     self.stop_btn = W.Button(description='Stop', button_style='danger', icon='stop', disabled=True)
     self.output, self.status = W.HTML(layout=W.Layout(width='100%')), W.Label()
     named = dict(prompt=self.prompt, generate=self.generate_btn, stop=self.stop_btn,
-                 output=self.output, status=self.status)
+                 output=self.output, status=self.status, max_tokens=self.max_tokens)
     for name, w in named.items(): w.add_class(f'munchkin-{name}')
     self.generate_btn.on_click(self.on_generate)
     self.stop_btn.on_click(self.on_stop)

@@ -201,7 +201,10 @@ def test_generate_widget_streams_and_stops(browser, lab, shots):
     widget.scroll_into_view_if_needed()
     widget.locator('.munchkin-prompt textarea').fill('ROMEO:\n')
     output, status = widget.locator('.munchkin-output'), widget.locator('.munchkin-status')
-    widget.locator('.munchkin-max-tokens input, .munchkin-max-tokens .widget-readout').first.fill('2000') if widget.locator('.munchkin-max-tokens').count() else None
+    readout = widget.locator('.munchkin-max_tokens .widget-readout').first
+    readout.fill('10000')      # long enough (seconds) that Stop finds it still running
+    readout.press('Enter')
+    assert readout.text_content().strip() == '10000', readout.text_content()
     widget.locator('button.munchkin-generate').click()
     lengths, t0 = [], time.time()
     while time.time() - t0 < 30 and len(set(lengths)) < 4:
