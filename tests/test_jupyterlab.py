@@ -106,9 +106,17 @@ def _prompts(page):
     return page.locator('.jp-Notebook .jp-CodeCell .jp-InputPrompt').all_text_contents()
 
 def _run_all(page):
-    "Run all cells through the Run menu, as a reader would"
-    page.locator('.lm-MenuBar-itemLabel', has_text=re.compile('^Run$')).click()
-    page.locator('.lm-Menu-itemLabel', has_text=re.compile('^Run All Cells$')).click()
+    "Run all cells through the Run menu, as a reader would; again if no cell was queued (a lost click)"
+    for _ in range(3):
+        dialog = page.locator('.jp-Dialog', has_text='Select Kernel')
+        if dialog.count(): dialog.get_by_role('button', name='Select').click()
+        page.locator('.lm-MenuBar-itemLabel', has_text=re.compile('^Run$')).click()
+        page.locator('.lm-Menu-itemLabel', has_text=re.compile('^Run All Cells$')).click()
+        t0 = time.time()
+        while time.time() - t0 < 20:
+            if any(re.search(r'\[(\*|\d+)\]', p) for p in _prompts(page)): return
+            time.sleep(0.25)
+        page.keyboard.press('Escape')   # close whatever menu is still open, and try again
 
 def _wait_done(page, timeout=240, during=None):
     "Wait until every code cell has run and the kernel is idle; call `during()` while waiting"
