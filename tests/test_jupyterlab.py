@@ -98,9 +98,13 @@ def _open(browser, url, name):
     page.wait_for_selector('.jp-Notebook .jp-Cell', timeout=60_000)
     page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]', timeout=120_000)
     time.sleep(1)
-    dialog = page.locator('.jp-Dialog', has_text='Select Kernel')
-    if dialog.count(): dialog.get_by_role('button', name='Select').click()  # as a reader would: the default kernel
+    _select_kernel(page)
     return page
+
+def _select_kernel(page):
+    "Answer a 'Select Kernel' dialog as a reader would: the default kernel"
+    dialog = page.locator('.jp-Dialog', has_text='Select Kernel')
+    if dialog.count(): dialog.get_by_role('button', name='Select').click()
 
 def _prompts(page):
     return page.locator('.jp-Notebook .jp-CodeCell .jp-InputPrompt').all_text_contents()
@@ -108,8 +112,7 @@ def _prompts(page):
 def _run_all(page):
     "Run all cells through the Run menu, as a reader would; again if no cell was queued (a lost click)"
     for _ in range(3):
-        dialog = page.locator('.jp-Dialog', has_text='Select Kernel')
-        if dialog.count(): dialog.get_by_role('button', name='Select').click()
+        _select_kernel(page)
         page.locator('.lm-MenuBar-itemLabel', has_text=re.compile('^Run$')).click()
         page.locator('.lm-Menu-itemLabel', has_text=re.compile('^Run All Cells$')).click()
         t0 = time.time()
