@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .config import MunchkinError
-from .kernels import mask_dropout, blocked_causal_attention
+from .kernels import mask_dropout, blocked_causal_attention, fast_paths
 
 # %% ../nbs/01_attention.ipynb #5cb41442
 def causal_mask(T:int, # number of queries (the last `T` positions)
@@ -43,6 +43,7 @@ def dropout(x, # any tensor
     "Inverted dropout: zero each element with probability `p`, scale the rest by `1/(1-p)`."
     if not training or p == 0.0: return x
     if not 0.0 < p < 1.0: raise MunchkinError(f"dropout probability must be in [0, 1), got {p}")
+    if not fast_paths(): return x * (torch.rand_like(x) >= p) / (1 - p)   # the recipe above
     if x.device.type == 'cpu': return mask_dropout(x, p)   # fast path (kernels.py): 16 random bits
     return F.dropout(x, p, True)
 
@@ -101,9 +102,11 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None: k, v = cache.update(k, v)          # (B, nh, S, hs): the past and x
         p, S = (self.dropout if self.training else 0.0), k.size(2)
-        if p > 0 and T == S and x.is_cpu:   # fast path (kernels.py): SDPA's CPU dropout is slow
+        if not fast_paths():   # the book's readable code (kernels.use_fast(False))
+            y = explicit_attention(q, k, v, p, training=p > 0)
+        elif p > 0 and T == S and x.is_cpu:   # fast path (kernels.py): SDPA's CPU dropout is slow
             y = blocked_causal_attention(q, k, v, p)
-        else:   # readable path; queries after a cached past (1 < T < S) need the shifted mask
+        else:   # PyTorch's SDPA; queries after a cached past (1 < T < S) need the shifted mask
             mask = None if T in (1, S) else causal_mask(T, S, x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
                                                is_causal=T == S and T > 1)

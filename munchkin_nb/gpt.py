@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from .config import MunchkinError, say
 from .attention import CausalSelfAttention, KVCache, Dropout
-from .kernels import decode_step, decode_store
+from .kernels import decode_step, decode_store, fast_paths
 
 # %% ../nbs/02_gpt.ipynb #a6d192be
 @dataclass
@@ -257,8 +257,10 @@ def generate_stream(self:GPT, idx, # (B, T) prompt token ids
             start = idx.size(1) - keep
             for c in caches or (): c.reset()
             logits, _ = self(idx[:, start:], caches=caches)
-        elif use_cache:   # fast path (kernels.py): self(nxt, caches=caches, pos=pos) in fewer ops
-            logits = decode_step(self, nxt, caches, pos, store)[:, None]
+        elif use_cache and (fast_paths() or weights != 'fp32'):   # fast path (kernels.py):
+            logits = decode_step(self, nxt, caches, pos, store)[:, None]   # the line below, fewer ops
+        elif use_cache:
+            logits, _ = self(nxt, caches=caches, pos=pos)
         else:
             logits, _ = self(idx[:, start:])
 
