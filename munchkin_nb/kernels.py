@@ -430,7 +430,7 @@ def decode_route(model, reps:int=3) -> str:
     w0 = lins[0][0]
     small = all(w.numel() < 1 << 17 for w, _, _ in lins)
     if (w0.device.type != 'cpu' or w0.dtype != torch.float32 or small
-            or torch.are_deterministic_algorithms_enabled() or not _FAST): return 'linear'
+            or torch.are_deterministic_algorithms_enabled()): return 'linear'
     key = (tuple(tuple(w.shape) for w, _, _ in lins), torch.get_num_threads())
     if key in _DECODE_ROUTE: return _DECODE_ROUTE[key]
     routes = decode_routes()
@@ -475,6 +475,7 @@ def decode_store(model, # a `GPT`
                  weights:str='fp32', # 'fp32' (the model's own), 'bf16' or 'int8'
                  how:str=None) -> DecodeStore: # force fp32's route (default: `decode_route`'s)
     "The model's matrices prepared for `decode_step` in `weights`, made once and kept while current"
+    how = how or os.environ.get('MUNCHKIN_DECODE_ROUTE') or None   # forced, or timed once
     stores = _STORES.setdefault(model, {})
     s = stores.get((weights, how))
     if s is None or s.version != _param_version(model):
