@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['WEIGHTS', 'Sampler', 'check_sampling', 'next_token_probs', 'plot_next_token', 'StreamDecoder', 'print_stream',
-           'SamplerWidget', 'generate_parser', 'generate_main', 'generate_cli']
+           'SamplerWidget', 'generate_parser', 'print_samples', 'generate_main', 'generate_cli']
 
 # %% ../nbs/04_generate.ipynb #d8664a13
-import sys, re, math, time, codecs, threading, html
+import sys, re, math, time, codecs, threading, html, itertools
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
@@ -186,20 +186,27 @@ class StreamDecoder:
 
 # %% ../nbs/04_generate.ipynb #d17a4c5e
 @patch
-def stream_ids(self:Sampler, prompt:str='', # text to continue ('': the start of a text)
-               max_new_tokens:int=100, temperature:float=0.8, # 0: greedy
-               top_k:int=None, top_p:float=None,
-               seed:int=None, # None: a fresh random seed
-               generator=None, # a torch.Generator to draw from, instead of `seed`
-               use_cache:bool=True, # False: recompute the whole window at every token (slow)
-               weights:str=None) -> Iterator[int]: # fp32, bf16 or int8 (None: the sampler's)
-    "Token ids sampled after `prompt`, yielded one by one as they are made"
-    top_k = check_sampling(max_new_tokens, temperature, top_k, top_p, self.vocab_size, seed)
-    idx = torch.tensor([self.context(prompt)], dtype=torch.long, device=self.device)
+def stream_rows(self:Sampler, prompt:str='', # text to continue ('': the start of a text)
+                max_new_tokens:int=100, temperature:float=0.8, # 0: greedy
+                top_k:int=None, top_p:float=None,
+                seed:int=None, # None: a fresh random seed
+                generator=None, # a torch.Generator to draw from, instead of `seed`
+                use_cache:bool=True, # False: recompute the whole window at every token (slow)
+                weights:str=None, # fp32, bf16 or int8 (None: the sampler's)
+                num_samples:int=1) -> Iterator[torch.Tensor]: # samples made together, as a batch
+    "The next token id of each of `num_samples` samples after `prompt`: a (num_samples,) tensor a step"
+    top_k = check_sampling(max_new_tokens, temperature, top_k, top_p, self.vocab_size, seed,
+                           num_samples)
+    idx = torch.tensor([self.context(prompt)] * num_samples, dtype=torch.long, device=self.device)
     g = generator if generator is not None else self.new_generator(seed)
     for t in self.model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator=g,
                                         use_cache=use_cache, weights=weights or self.weights):
-        yield int(t[0, 0])
+        yield t[:, 0]
+
+@patch
+def stream_ids(self:Sampler, prompt:str='', max_new_tokens:int=100, **kwargs) -> Iterator[int]:
+    "Token ids of one sample after `prompt`, yielded one by one as they are made (`stream_rows`'s kwargs)"
+    for t in self.stream_rows(prompt, max_new_tokens, **kwargs): yield int(t[0])
 
 # %% ../nbs/04_generate.ipynb #20a86c6e
 @patch
@@ -443,6 +450,22 @@ def _print_setup(a, s:Sampler, top_k:int, threads:int):
     say(file=sys.stderr)
 
 # %% ../nbs/04_generate.ipynb #5ce2f9d5
+def print_samples(sampler:Sampler, prompt:str='', num_samples:int=1, file=None, **kwargs) -> list:
+    "Sample `num_samples` texts in one batch; print the first as it is made, then the others"
+    file = file or sys.stdout
+    decs = [StreamDecoder(sampler.tok) for _ in range(num_samples)]
+    texts = [[prompt] for _ in range(num_samples)]
+    rows = sampler.stream_rows(prompt, num_samples=num_samples, **kwargs)   # kwargs: its settings
+    rows = itertools.chain([next(rows)], rows)    # the first step is made before anything is printed
+    print(prompt, end='', file=file, flush=True)
+    for t in rows:
+        for text, dec, i in zip(texts, decs, t.tolist()): text.append(dec.push(i))
+        print(texts[0][-1], end='', file=file, flush=True)
+    for text, dec in zip(texts, decs): text.append(dec.flush())
+    print(texts[0][-1], file=file, flush=True)
+    for text in texts[1:]: print('-' * 60, ''.join(text), sep='\n', file=file, flush=True)
+    return [''.join(t) for t in texts]
+
 def generate_main(argv:list=None, file=None):
     "`munchkin-nb-generate`'s body: parse `argv`, load the run, stream the samples to `file`"
     a, file = generate_parser().parse_args(argv), file or sys.stdout
@@ -452,11 +475,9 @@ def generate_main(argv:list=None, file=None):
     s = Sampler.from_checkpoint(a.run, a.device, a.weights)
     top_k = _check_fit(a, s, prompt)
     if a.verbose: _print_setup(a, s, top_k, threads)
-    g, t0 = s.new_generator(a.seed), time.perf_counter()
-    for i in range(a.num_samples):
-        if i: print('-' * 60, file=file, flush=True)
-        print_stream(s, prompt, file, max_new_tokens=a.max_tokens, temperature=a.temperature,
-                     top_k=top_k, top_p=a.top_p, generator=g, use_cache=not a.no_cache)
+    t0 = time.perf_counter()
+    print_samples(s, prompt, a.num_samples, file, max_new_tokens=a.max_tokens, seed=a.seed,
+                  temperature=a.temperature, top_k=top_k, top_p=a.top_p, use_cache=not a.no_cache)
     dt, n = time.perf_counter() - t0, a.max_tokens * a.num_samples
     speed = f"{n} tokens in {dt:.2f} s ({n / dt:.0f} tokens/s) on {s.device}"
     if a.verbose: say(speed, file=sys.stderr)

@@ -54,8 +54,14 @@ def generate(*args) -> str:
 def expected(model, prompt, n, seed=1337, samples=1, **kw) -> str:
     "What the command prints: the seeded samples (one generator for all), separated by the rule"
     s = Sampler.from_checkpoint(model, 'cpu')
-    g = s.new_generator(seed)
-    return f'{RULE}\n'.join(s.sample(prompt, n, generator=g, **kw) + '\n' for _ in range(samples))
+    rows = torch.stack(list(s.stream_rows(prompt, n, seed=seed, num_samples=samples, **kw)), 1)
+    texts = [prompt + ''.join(_pieces(s, r)) for r in rows.tolist()]   # one batch of `samples`
+    return f'{RULE}\n'.join(t + '\n' for t in texts)
+
+def _pieces(s, ids):
+    "The text pieces of token ids, as the command decodes them"
+    dec = StreamDecoder(s.tok)
+    return [dec.push(i) for i in ids] + [dec.flush()]
 
 def test_cli_prints_only_the_text(gen, char_model):
     a = gen('tiny', '--prompt', 'ROMEO:', '--max-tokens', '60', '--seed', '7', '--num-samples', '2')
