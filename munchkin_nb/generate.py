@@ -126,6 +126,7 @@ def _label(tok, i:int) -> str:
 # %% ../nbs/04_generate.ipynb #30a0a832
 def _style_axes(ax, labels:list, title:str):
     ax.set_xticks(range(len(labels)), labels, fontsize=11)
+    ax.set_xlabel('next token')
     ax.set_ylabel('probability')
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
