@@ -319,12 +319,13 @@ def cpu_has_bf16():
 
 @functools.cache
 def _onednn_linear_ok() -> bool:
-    "Is oneDNN's fused linear usable here? Checked once against `F.linear` and GELU."
+    "Is oneDNN's fused linear on prepacked weights usable here? Checked once against `F.linear`."
     x, w, b = torch.randn(3, 16), torch.randn(8, 16), torch.randn(8)
     try:
         with torch.inference_mode():
-            y = torch.ops.mkldnn._linear_pointwise(x, w, b, 'none', [], '')
-            g = torch.ops.mkldnn._linear_pointwise(x, w, b, 'gelu', [], 'tanh')
+            p = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+            y = torch.ops.mkldnn._linear_pointwise(x, p, b, 'none', [], '')
+            g = torch.ops.mkldnn._linear_pointwise(x, p, b, 'gelu', [], 'tanh')
     except (RuntimeError, AttributeError):
         return False
     gelu = F.gelu(F.linear(x, w, b), approximate='tanh')
@@ -336,11 +337,12 @@ def _bags(n:int, k:int):
     return torch.arange(n), torch.arange(0, n, -(-n // k))
 
 WEIGHT_FORMATS = ('fp32', 'bf16', 'int8')
-DECODE_ROUTES = ('linear', 'onednn', 'bag')
+DECODE_ROUTES = {'fp32': ('linear', 'onednn', 'bag'), 'bf16': ('linear', 'onednn'),
+                 'int8': ('linear',)}   # the routes of each weight format
 
-def decode_routes() -> list:
-    "The fp32 decoding routes this machine can take, `F.linear` first"
-    return ['linear'] + ['onednn'] * _onednn_linear_ok() + ['bag']
+def decode_routes(weights:str='fp32') -> list:
+    "The decoding routes of `weights` this machine can take, the plain product first"
+    return [h for h in DECODE_ROUTES[weights] if h != 'onednn' or _onednn_linear_ok()]
 
 class DecodeLinear:
     "A linear layer (`w` (out, in), `b`) prepared once for decoding: weights `weights`, route `how`"
@@ -348,14 +350,20 @@ class DecodeLinear:
         w = w.detach()
         if weights not in WEIGHT_FORMATS:
             raise MunchkinError(f"weights {weights!r} unknown; use {', '.join(WEIGHT_FORMATS)}")
-        if how not in DECODE_ROUTES:
-            raise MunchkinError(f"decoding route {how!r} unknown; use {', '.join(DECODE_ROUTES)}")
+        if how not in DECODE_ROUTES[weights]:
+            raise MunchkinError(f"decoding route {how!r} unknown for {weights} weights; use "
+                                f"{', '.join(DECODE_ROUTES[weights])}")
         self.b, self.weights, self.how, self.shape = b, weights, how, tuple(w.shape)
+        self.dense = w if weights == 'fp32' else None     # the model's own weight, no copy
         if weights == 'int8':                      # weight-only int8, one scale per output channel
             scale = w.float().abs().amax(1).clamp(min=1e-12) / 127
             self.w = (w.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
             self.scale = scale.to(torch.bfloat16)
             self.packed = w.device.type == 'cpu' and w.size(1) % 16 == 0   # the kernel's constraint
+        elif how == 'onednn':                      # packed once into oneDNN's layout for one row
+            dtype = torch.bfloat16 if weights == 'bf16' else w.dtype
+            self.w = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype), 1)
+            self.kb = None if b is None else b.detach().to(dtype)     # the bias the kernel adds
         elif weights == 'bf16': self.w = w.t().to(torch.bfloat16).contiguous()   # (in, out)
         elif how == 'bag': self.w = w.t().contiguous()
         else: self.w = w
@@ -364,10 +372,10 @@ class DecodeLinear:
                  act:str=None): # None, or the GELU after the product: 'none' (exact) or 'tanh'
         lead, x = x.shape[:-1], x.reshape(-1, self.shape[1])     # any leading shape, as rows
         if not _FAST: y = self.readable(x, bias=False)          # the book's code: a plain product
-        elif self.how == 'onednn' and self.weights == 'fp32':     # the GELU fused into the product
+        elif self.how == 'onednn':                # packed weights, the bias and GELU fused in
             how, alg = ('none', '') if act is None else ('gelu', act)
-            y = torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, how, [], alg)
-            return y.reshape(*lead, -1)
+            y = torch.ops.mkldnn._linear_pointwise(x.to(self.w.dtype), self.w, self.kb, how, [], alg)
+            return y.to(x.dtype).reshape(*lead, -1)
         elif self.weights == 'int8' and self.packed:
             y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.w, self.scale).to(x.dtype)
         elif self.weights == 'int8': y = self.readable(x, bias=False)
@@ -385,16 +393,19 @@ class DecodeLinear:
 
     def weight(self):
         "The (out, in) weight this layer multiplies by, in x's float type: the readable version's"
+        if self.dense is not None: return self.dense
         if self.weights == 'int8': return self.w.float() * self.scale.float()[:, None]
-        return self.w.t().float() if self.weights == 'bf16' or self.how == 'bag' else self.w
+        return self.w.to_dense().float() if self.how == 'onednn' else self.w.t().float()
 
     def readable(self, x, bias:bool=True):
         "The same product written plainly: activations rounded as the kernel rounds them"
         if self.weights == 'fp32': return F.linear(x, self.weight(), self.b if bias else None)
         xr = x.to(torch.bfloat16).float()
         if self.weights == 'int8': y = F.linear(xr, self.w.float()) * self.scale.float()
-        else: y = xr @ self.w.float()
-        y = y.to(torch.bfloat16).to(x.dtype)         # both kernels return bfloat16
+        else: y = F.linear(xr, self.weight())
+        if self.how == 'onednn' and bias and self.b is not None:   # its bias: bf16, before rounding
+            return (y + self.kb.float()).to(torch.bfloat16).to(x.dtype)
+        y = y.to(torch.bfloat16).to(x.dtype)         # the kernels return bfloat16
         return y + self.b if bias and self.b is not None else y
 
     def nbytes(self) -> int:
@@ -402,7 +413,7 @@ class DecodeLinear:
         return self.w.numel() * self.w.element_size()
 
 # %% ../nbs/14_cpu_speed.ipynb #c00d5969
-_DECODE_ROUTE = {}   # (model shape, threads) -> 'linear' | 'onednn' | 'bag'
+_DECODE_ROUTE = {}   # (weights, model shape, threads) -> the route of DECODE_ROUTES[weights] timed best
 
 def _linears(model) -> list:
     "(weight, bias, GELU after it) of every linear layer a decoding step runs, in order"
@@ -414,34 +425,36 @@ def _linears(model) -> list:
                 (m.c_fc.weight, m.c_fc.bias, act), (m.c_proj.weight, m.c_proj.bias, None)]
     return out + [(model.lm_head.weight, None, None)]
 
-def _forced_route(how:str) -> str:
+def _forced_route(how:str, weights:str='fp32') -> str:
     "A route asked for by name (`how=` or MUNCHKIN_DECODE_ROUTE), checked"
-    if how not in DECODE_ROUTES:
-        raise MunchkinError(f"decoding route {how!r} unknown; use {', '.join(DECODE_ROUTES)}")
-    if how == 'onednn' and not _onednn_linear_ok():
-        raise MunchkinError("decoding route 'onednn' is not usable here; use linear or bag")
+    if how not in DECODE_ROUTES[weights]:
+        raise MunchkinError(f"decoding route {how!r} unknown for {weights} weights; use "
+                            f"{', '.join(DECODE_ROUTES[weights])}")
+    if how not in decode_routes(weights):
+        raise MunchkinError(f"decoding route {how!r} is not usable here; use "
+                            f"{', '.join(decode_routes(weights))}")
     return how
 
-def decode_route(model, reps:int=3) -> str:
-    "This model's fp32 decoding route: forced, the fastest at one row in a timed pass, or 'linear'"
+def decode_route(model, weights:str='fp32', reps:int=3) -> str:
+    "The decoding route of `weights`: forced, the fastest at one row in a timed pass, or 'linear'"
     forced = os.environ.get('MUNCHKIN_DECODE_ROUTE')
-    if forced: return _forced_route(forced)
+    if forced: return _forced_route(forced, weights)
     lins = _linears(model)
     w0 = lins[0][0]
     small = all(w.numel() < 1 << 17 for w, _, _ in lins)
-    if (w0.device.type != 'cpu' or w0.dtype != torch.float32 or small
+    routes = decode_routes(weights)
+    if (w0.device.type != 'cpu' or w0.dtype != torch.float32 or small or len(routes) == 1
             or torch.are_deterministic_algorithms_enabled()): return 'linear'
-    key = (tuple(tuple(w.shape) for w, _, _ in lins), torch.get_num_threads())
+    key = (weights, tuple(tuple(w.shape) for w, _, _ in lins), torch.get_num_threads())
     if key in _DECODE_ROUTE: return _DECODE_ROUTE[key]
-    routes = decode_routes()
+    times = {h: [] for h in routes}
     with torch.inference_mode():
-        prepared = {h: [(DecodeLinear(w, b, how=h), act) for w, b, act in lins] for h in routes}
         xs = {n: torch.randn(1, n) for n in {w.size(1) for w, _, _ in lins}}   # one row
-        times = {h: [] for h in routes}
-        for _ in range(reps + 1):                       # interleaved; the first is a warm-up
-            for h in routes:
+        for h in routes:                              # one route's weights at a time: less memory
+            prepared = [(DecodeLinear(w, b, weights, h), act) for w, b, act in lins]
+            for _ in range(reps + 1):                 # the first is a warm-up
                 t0 = time.perf_counter()
-                for lin, act in prepared[h]: lin(xs[lin.shape[1]], act)
+                for lin, act in prepared: lin(xs[lin.shape[1]], act)
                 times[h].append(time.perf_counter() - t0)
     med = {h: statistics.median(t[1:]) for h, t in times.items()}
     best = min(med, key=med.get)
@@ -451,12 +464,11 @@ def decode_route(model, reps:int=3) -> str:
 class DecodeStore:
     "A model's matrices prepared for decoding: four `DecodeLinear`s a block and the head"
     def __init__(self, model, weights:str='fp32',
-                 how:str=None): # fp32's route (default: `decode_route`); the formats have one
+                 how:str=None): # the route (default: `decode_route`'s)
         if weights not in WEIGHT_FORMATS:
             raise MunchkinError(f"weights {weights!r} unknown; use {', '.join(WEIGHT_FORMATS)}")
         self.weights = weights
-        if weights != 'fp32': how = 'linear'
-        self.how = decode_route(model) if how is None else _forced_route(how)
+        self.how = decode_route(model, weights) if how is None else _forced_route(how, weights)
         self.acts = [act for _, _, act in _linears(model)]
         self.lins = [DecodeLinear(w, b, weights, self.how) for w, b, _ in _linears(model)]
         self.version = _param_version(model)
@@ -473,7 +485,7 @@ _STORES = weakref.WeakKeyDictionary()   # model -> {(weights, how): DecodeStore}
 
 def decode_store(model, # a `GPT`
                  weights:str='fp32', # 'fp32' (the model's own), 'bf16' or 'int8'
-                 how:str=None) -> DecodeStore: # force fp32's route (default: `decode_route`'s)
+                 how:str=None) -> DecodeStore: # force a route (default: `decode_route`'s)
     "The model's matrices prepared for `decode_step` in `weights`, made once and kept while current"
     how = how or os.environ.get('MUNCHKIN_DECODE_ROUTE') or None   # forced, or timed once
     stores = _STORES.setdefault(model, {})

@@ -12,12 +12,13 @@ from munchkin_nb.config import load_settings, config_names
 from munchkin_nb.gpt import GPT, GPTConfig
 from munchkin_nb.attention import explicit_attention, dropout, CausalSelfAttention
 from munchkin_nb.kernels import (decode_store, decode_step, decode_routes, use_fast, DecodeLinear,
-                                 blocked_causal_attention, mask_dropout, DECODE_ROUTES)
+                                 blocked_causal_attention, mask_dropout, DECODE_ROUTES,
+                                 WEIGHT_FORMATS)
 
 # what "close" means: fp32 routes differ from the readable product in the order of their sums; bf16 and
 # int8 also in the rounding of their bfloat16 output (one unit in the last place, 2^-8 of a value)
 TOL = {'fp32': 1e-4, 'bf16': 2e-2, 'int8': 2e-2}
-ROUTES = [('fp32', how) for how in DECODE_ROUTES] + [('bf16', 'linear'), ('int8', 'linear')]
+ROUTES = [(w, how) for w in WEIGHT_FORMATS for how in DECODE_ROUTES[w]]
 
 def _shape(name:str) -> tuple:
     "(n_embd, n_head, vocab_size, block_size) of config `name` (vocabulary: its tokenizer's, padded)"
@@ -37,8 +38,8 @@ def _model(shape:tuple) -> GPT:
     with torch.no_grad(): m.lm_head.weight.mul_(8)
     return m
 
-def _usable(how:str):
-    if how not in decode_routes(): pytest.skip(f"route {how} is not usable on this machine")
+def _usable(how:str, weights:str='fp32'):
+    if how not in decode_routes(weights): pytest.skip(f"route {how} is not usable on this machine")
 
 def _teacher_forced(m, prompt, tokens, store) -> torch.Tensor:
     "Logits (B, n, vocab) before each of `tokens` (B, n): `decode_step` with `store`, or readable"
@@ -65,7 +66,7 @@ def _check_greedy(fast, readable, ref_logits, tol):
 @pytest.mark.parametrize('shape', SHAPES, ids=[f'{s[0]}x{s[2]}' for s in SHAPES])
 def test_decode_route_equals_readable(shape, weights, how, batch, monkeypatch):
     "Each decoding route, forced, gives the readable code's logits and greedy tokens"
-    _usable(how)
+    _usable(how, weights)
     m = _model(shape)
     g = torch.Generator().manual_seed(batch)
     prompt = torch.randint(0, shape[2], (batch, 3), generator=g)
@@ -75,7 +76,7 @@ def test_decode_route_equals_readable(shape, weights, how, batch, monkeypatch):
         ref = _teacher_forced(m, prompt, readable, None if weights == 'fp32' else
                               decode_store(m, weights))
     store = decode_store(m, weights, how)
-    assert store.how == how
+    assert store.how == how and all(lin.how == how for lin in store.lins)
     got = _teacher_forced(m, prompt, readable, store)
     scale = ref.abs().max()
     assert (got - ref).abs().max() <= TOL[weights] * scale, (got - ref).abs().max() / scale
@@ -94,23 +95,24 @@ def test_issue_snippet_batched_sampling():
     assert all(o.shape == (2, 6) for o in outs)
     assert all(torch.equal(o, outs[0]) for o in outs)
 
-@pytest.mark.parametrize('how', DECODE_ROUTES)
-def test_decode_linear_takes_any_input(how):
-    "One row, a batch, a strided batch and a 3-d input: every route computes F.linear"
-    _usable(how)
+@pytest.mark.parametrize('weights,how', ROUTES, ids=[f'{w}-{h}' for w, h in ROUTES])
+def test_decode_linear_takes_any_input(weights, how):
+    "One row, a batch, a strided batch, a 3-d input, a vector: every route computes its readable product"
+    _usable(how, weights)
     w, b = torch.randn(96, 64) * 0.1, torch.randn(96)
-    lin = DecodeLinear(w, b, how=how)
+    lin = DecodeLinear(w, b, weights, how)
+    tol = dict(rtol=1e-4, atol=1e-5) if weights == 'fp32' else dict(rtol=2e-2, atol=2e-2)
     for x in (torch.randn(1, 64), torch.randn(5, 64), torch.randn(4, 128)[:, ::2],
               torch.randn(2, 3, 64), torch.randn(64)):
         with torch.inference_mode():
-            torch.testing.assert_close(lin(x), F.linear(x, w, b), rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(lin(x, 'tanh'), F.gelu(F.linear(x, w, b), approximate='tanh'),
-                                       rtol=1e-4, atol=1e-5)
+            ref = lin.readable(x.reshape(-1, 64)).reshape(*x.shape[:-1], -1)
+            torch.testing.assert_close(lin(x), ref, **tol)
+            torch.testing.assert_close(lin(x, 'tanh'), F.gelu(ref, approximate='tanh'), **tol)
 
 def test_forced_route_checked(monkeypatch):
     m = _model(SHAPES[0])
     monkeypatch.setenv('MUNCHKIN_DECODE_ROUTE', 'blas')
-    with pytest.raises(Exception, match="decoding route 'blas' unknown; use linear, onednn, bag"):
+    with pytest.raises(Exception, match="decoding route 'blas' unknown for fp32 weights; use linear, onednn, bag"):
         m.generate(torch.zeros(1, 1, dtype=torch.long), 2)
 
 # ---- training-time paths ---------------------------------------------------------------------------
