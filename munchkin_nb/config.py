@@ -95,7 +95,7 @@ def config_dirs() -> list:
     same = own.is_dir() and own.resolve() == builtin.resolve()
     return [d for d in ([builtin] if same else [own, builtin]) if d.is_dir()]
 
-# %% ../nbs/10_settings.ipynb #44a62483
+# %% ../nbs/10_settings.ipynb #45240229
 def shown(path) -> str:
     "`path` for a message: inside the current folder relative to it, else from the root variable holding it"
     p = Path(path)
@@ -415,7 +415,7 @@ def load_settings(config, overrides=None, environ=None) -> Settings:
         k = _check_key(k, 'command line: ')
         raw[k] = (v, f'command line --{k}')
     if not raw.get('name', ('',))[0].strip():  # no name, or an empty one: the config's
-        raw['name'] = (path.stem, f"the config's file name ({_shown(path)})")
+        raw['name'] = (path.stem, f"the config's file name ({shown(path)})")
     s = Settings(**{k: _convert(k, v, _FIELDS[k], where) for k, (v, where) in raw.items()})
     return validate(s, {k: where for k, (v, where) in raw.items()})
 
@@ -539,7 +539,7 @@ def _approx_params(s:Settings, vocab:int) -> int:
 def config_summary(name:str) -> str:
     "One line: the config's name, dataset, model size and iterations, its description, where it is"
     path = config_path(name)
-    own = '' if path.parent.resolve() == configs_dir().resolve() else f"  [{_shown(path)}]"
+    own = '' if path.parent.resolve() == configs_dir().resolve() else f"  [{shown(path)}]"
     try:
         s = load_settings(name, environ={})
     except MunchkinError as e:
