@@ -431,9 +431,10 @@ def _format_decode(d) -> list:
         x = '' if r['x_fp32'] is None else f"{r['x_fp32']:.2f}x"
         lines.append(f"{w:<8}{r['bytes'] / 1e6:8.1f}{r['tokens_per_s']:9.1f}{r['of_limit']:10.0%}"
                      f"{x:>8}{r['roofline']:10.1f}{r['of_roofline']:13.0%}")
-    if 'bf16' in d['weights'] and d['cpu_has_bf16'] is False:
-        lines.append("bf16: this CPU has no bfloat16 instructions (avx512_bf16, AMX): it converts "
-                     "in software, so bf16 gains only what its layout gives")
+    if 'bf16' in d['weights'] and d['cpu_has_bf16'] is not None:
+        has = 'yes' if d['cpu_has_bf16'] else 'no'
+        lines.append(f"bf16 instructions on this CPU (avx512_bf16, AMX): {has}; without them bf16 "
+                     "converts in software and gains only what its layout gives")
     return lines
 
 def format_bench(rep) -> str:

@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['HELP_WIDTH', 'MunchkinError', 'run_cli', 'say', 'repo_dir', 'root_dir', 'check_name', 'data_dir', 'model_dir',
-           'offline_file', 'configs_dir', 'config_dirs', 'make_dir', 'atomic_write', 'remove_stale_tmp', 'run_lock',
-           'Settings', 'setting_docs', 'validate', 'read_env', 'config_names', 'config_path', 'parse_overrides',
-           'load_settings', 'resolve_device', 'resolve_dtype', 'in_notebook', 'style', 'pprint_dict', 'progress',
-           'Parser', 'add_settings_options', 'settings_overrides', 'config_summary', 'configs_cli']
+           'offline_file', 'configs_dir', 'config_dirs', 'shown', 'make_dir', 'atomic_write', 'remove_stale_tmp',
+           'run_lock', 'Settings', 'setting_docs', 'validate', 'read_env', 'config_names', 'config_path',
+           'parse_overrides', 'load_settings', 'resolve_device', 'resolve_dtype', 'in_notebook', 'style', 'pprint_dict',
+           'progress', 'Parser', 'add_settings_options', 'settings_overrides', 'config_summary', 'configs_cli']
 
 # %% ../nbs/10_settings.ipynb #29864456
 import os, sys, re, ast, math, typing, argparse, difflib, contextlib, linecache
@@ -95,6 +95,17 @@ def config_dirs() -> list:
     same = own.is_dir() and own.resolve() == builtin.resolve()
     return [d for d in ([builtin] if same else [own, builtin]) if d.is_dir()]
 
+# %% ../nbs/10_settings.ipynb #45240229
+def shown(path) -> str:
+    "`path` for a message: inside the current folder relative to it, else from the root variable holding it"
+    p = Path(path)
+    if not p.is_absolute(): return str(path)  # already relative, or a URL
+    if p.is_relative_to(Path.cwd()): return str(p.relative_to(Path.cwd()))
+    for var in ('MUNCHKIN_ROOT', 'MUNCHKIN_OFFLINE'):
+        base = os.environ.get(var)
+        if base and p.is_relative_to(Path(base).absolute()): return f"${var}/{p.relative_to(Path(base).absolute())}"
+    return str(path)
+
 # %% ../nbs/10_settings.ipynb #473b6e92
 def make_dir(folder) -> Path:
     "Create `folder` and its parents if missing; one that cannot be made is a `MunchkinError`"
@@ -149,7 +160,7 @@ def run_lock(folder, # the folder to own; created if missing
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors='replace').strip()
             who = 'this process' if holder == str(os.getpid()) else f'process {holder or "unknown"}'
-            msg = f"{what} {folder} is in use by {who}"
+            msg = f"{what} {shown(folder)} is in use by {who}"
             raise MunchkinError(msg + (f"; {remedy}" if remedy else '')) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f'{os.getpid()}\n'.encode(), 0)
@@ -313,11 +324,6 @@ def validate(s:Settings, where:dict=None) -> Settings:
     return s
 
 # %% ../nbs/10_settings.ipynb #f38fae92
-def _shown(path) -> str:
-    "`path` relative to the current folder when it is inside it, else as given"
-    p = Path(path).absolute()
-    return str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(path)
-
 def _check_key(k:str, where:str='') -> str:
     "`k` as a setting name (dashes become underscores), or an error listing the valid names"
     k = k.replace('-', '_')
@@ -349,17 +355,17 @@ def read_env(path) -> dict:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise MunchkinError(f"cannot read config {_shown(path)}: {e.strerror}") from None
+        raise MunchkinError(f"cannot read config {shown(path)}: {e.strerror}") from None
     try:
         text = data.decode('utf-8-sig')
     except UnicodeDecodeError as e:
         n = data[:e.start].count(b'\n') + 1
-        raise MunchkinError(f"{_shown(path)}:{n}: not UTF-8 text; save the file as UTF-8") from None
+        raise MunchkinError(f"{shown(path)}:{n}: not UTF-8 text; save the file as UTF-8") from None
     for n, line in enumerate(text.splitlines(), 1):
-        key, value = _env_line(line, f"{_shown(path)}:{n}")
+        key, value = _env_line(line, f"{shown(path)}:{n}")
         if key in out:
-            raise MunchkinError(f"{_shown(path)}:{n}: {key.upper()} is set again ({out[key][1]})")
-        if key: out[key] = (value, f"{_shown(path)}:{n}")
+            raise MunchkinError(f"{shown(path)}:{n}: {key.upper()} is set again ({out[key][1]})")
+        if key: out[key] = (value, f"{shown(path)}:{n}")
     return out
 
 # %% ../nbs/10_settings.ipynb #21098ace
@@ -409,7 +415,7 @@ def load_settings(config, overrides=None, environ=None) -> Settings:
         k = _check_key(k, 'command line: ')
         raw[k] = (v, f'command line --{k}')
     if not raw.get('name', ('',))[0].strip():  # no name, or an empty one: the config's
-        raw['name'] = (path.stem, f"the config's file name ({_shown(path)})")
+        raw['name'] = (path.stem, f"the config's file name ({shown(path)})")
     s = Settings(**{k: _convert(k, v, _FIELDS[k], where) for k, (v, where) in raw.items()})
     return validate(s, {k: where for k, (v, where) in raw.items()})
 
@@ -446,11 +452,11 @@ def in_notebook() -> bool:
     return type(get_ipython()).__name__ in ('ZMQInteractiveShell', 'CaptureShell')
 
 def _use_color(stream=None) -> bool:
-    "Colours on a terminal or in a notebook, unless NO_COLOR; FORCE_COLOR turns them on anywhere"
-    if os.environ.get('NO_COLOR'): return False
+    "Colours on a terminal, unless NO_COLOR; FORCE_COLOR turns them on anywhere but in a notebook"
+    if os.environ.get('NO_COLOR') or in_notebook(): return False
     if os.environ.get('FORCE_COLOR'): return True
     stream = stream or sys.stdout
-    return in_notebook() or (hasattr(stream, 'isatty') and stream.isatty())
+    return hasattr(stream, 'isatty') and stream.isatty()
 
 def style(text:str, color:str=None) -> str:
     "`text` in `color` when colours are on"
@@ -533,7 +539,7 @@ def _approx_params(s:Settings, vocab:int) -> int:
 def config_summary(name:str) -> str:
     "One line: the config's name, dataset, model size and iterations, its description, where it is"
     path = config_path(name)
-    own = '' if path.parent.resolve() == configs_dir().resolve() else f"  [{_shown(path)}]"
+    own = '' if path.parent.resolve() == configs_dir().resolve() else f"  [{shown(path)}]"
     try:
         s = load_settings(name, environ={})
     except MunchkinError as e:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 import numpy as np
 from .config import (MunchkinError, Parser, run_cli, say, progress, data_dir,
-                                offline_file, atomic_write, check_name, run_lock)
+                                offline_file, atomic_write, check_name, run_lock, shown)
 from .data import CharTokenizer, BPETokenizer, load_meta, _forget
 
 # %% ../nbs/11_corpus.ipynb #62d5b985
@@ -384,14 +384,14 @@ def _has_data(folder:Path) -> bool:
 
 def _table(rows:list) -> str:
     "The listing `munchkin-nb-prepare --list` prints"
-    if not rows: return (f"no datasets are prepared in {data_dir('x').parent}; make one with "
+    if not rows: return (f"no datasets are prepared in {shown(data_dir('x').parent)}; make one with "
                          "munchkin-nb-prepare NAME --source PATH --tokenizer char")
     head = ('name', 'tokenizer', 'vocab', 'train tokens', 'val tokens', 'source')
     lines = ["{:20} {:9} {:>6} {:>13} {:>11}  {}".format(*head)]
     for r in rows:
         if r['problem']: lines.append(f"{r['name']:20} {r['problem']}")
         else: lines.append(f"{r['name']:20} {r['tokenizer']:9} {r['vocab_size']:>6,} "
-                           f"{r['train_tokens']:>13,} {r['val_tokens']:>11,}  {r['source']}")
+                           f"{r['train_tokens']:>13,} {r['val_tokens']:>11,}  {shown(r['source'])}")
     return '\n'.join(lines)
 
 # %% ../nbs/11_corpus.ipynb #00297028
@@ -429,12 +429,12 @@ def prepare(dataset:str, # a built-in name or one of your own
             _carry(final, build)
             _swap(build, final)
         except OSError as e:
-            raise MunchkinError(f"cannot write dataset {dataset!r} in {base} ({e.strerror or e}); "
+            raise MunchkinError(f"cannot write dataset {dataset!r} in {shown(base)} ({e.strerror or e}); "
                                 "free some space or choose another MUNCHKIN_ROOT") from None
         finally: shutil.rmtree(build, ignore_errors=True)
         _forget(final)
     say(f"{dataset}: vocab {meta['vocab_size']:,}, {meta['train_tokens']:,} train and "
-        f"{meta['val_tokens']:,} val tokens in {final}")
+        f"{meta['val_tokens']:,} val tokens in {shown(final)}")
     return meta
 
 # %% ../nbs/11_corpus.ipynb #fa89e12f

@@ -3,6 +3,9 @@
 # cells (real training) included, in the book's order (03_train trains the shakespeare-char-cpu run that
 # 04_generate samples from), then nbdev_clean strips what should not be committed. Datasets and runs go
 # where the notebooks put them (the checkout, or $MUNCHKIN_ROOT). Offline, set MUNCHKIN_OFFLINE first.
+# tests/test_outputs.py runs the notebooks again (long cells aside) and fails on any saved output
+# that no longer matches its code; it starts from the state made here: both tiny Shakespeare
+# datasets prepared, the data read from $MUNCHKIN_OFFLINE.
 #   tools/run_notebooks.sh                     # every notebook (tens of minutes on 2 CPU cores)
 #   tools/run_notebooks.sh 03_train 04_generate  # some, still in the book's order
 set -euo pipefail
@@ -19,6 +22,9 @@ WANT=("$@")
 for name in "${WANT[@]}"; do
   [ -f "nbs/$name.ipynb" ] || { echo "error: no notebook nbs/$name.ipynb" >&2; exit 2; }
 done
+
+munchkin-nb-prepare shakespeare_char >/dev/null  # every chapter starts from prepared data
+munchkin-nb-prepare shakespeare >/dev/null
 
 for name in "${ORDER[@]}"; do
   [ -f "nbs/$name.ipynb" ] || continue
