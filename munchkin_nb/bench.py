@@ -17,7 +17,8 @@ from .data import iter_split
 from .gpt import GPT, GPTConfig
 from .kernels import (set_threads, threads_tick, thread_controller, fixed_threads,
                                  openmp_policy, matmul_peak, device_name, decode_store,
-                                 cpu_has_bf16, DecodeLinear, WEIGHT_FORMATS)
+                                 cpu_has_bf16, cpu_features, DecodeLinear,
+                                 WEIGHT_FORMATS)
 import torch
 import torch.nn.functional as F
 
@@ -251,7 +252,8 @@ def _bench_decode(cfg, weights, tokens, repeats, device, seed) -> dict:
         stores[w] = decode_store(model, w)
         prep[w] = time.perf_counter() - t0
         decode_rate(model, w, 4, device, seed)           # warm up
-    limit = weight_read_limit([lin.w for lin in stores['fp32'].lins], device=device)
+    own = decode_store(model, 'fp32', 'linear').lins       # the model's own fp32 matrices
+    limit = weight_read_limit([lin.weight() for lin in own], device=device)
     runs = {w: [] for w in weights}
     for r in range(repeats):                             # interleaved, reversed every other time
         for w in (weights if r % 2 == 0 else weights[::-1]):
@@ -260,7 +262,7 @@ def _bench_decode(cfg, weights, tokens, repeats, device, seed) -> dict:
     fp32 = max(runs['fp32']) if 'fp32' in runs else None
     shape = {k: getattr(cfg, k) for k in ('block_size', 'vocab_size', 'n_layer', 'n_embd')}
     out = dict(model=shape, tokens=tokens, repeats=repeats, threads=torch.get_num_threads(),
-               cpu_has_bf16=cpu_has_bf16(), limit=limit, weights={})
+               cpu_has_bf16=cpu_has_bf16(), cpu_features=cpu_features(), limit=limit, weights={})
     for w in weights:
         best, nbytes = max(runs[w]), stores[w].nbytes()
         out['weights'][w] = dict(tokens_per_s=best, median=statistics.median(runs[w]), runs=runs[w],
@@ -425,12 +427,13 @@ def _format_decode(d) -> list:
              f"weight-read limit: {lim['bytes'] / 1e6:.1f} MB in {lim['seconds'] * 1e3:.2f} ms "
              f"({lim['gb_per_s']:.1f} GB/s, best reader: {lim['reader']}, best of 3 cold passes) = "
              f"{lim['tokens_per_s']:.1f} tokens/s",
-             f"{'weights':<8}{'MB':>8}{'tok/s':>9}{'of limit':>10}{'x fp32':>8}{'roofline':>10}"
-             f"{'of roofline':>13}"]
+             f"instruction sets: {d.get('cpu_features', '?')}",
+             f"{'weights':<8}{'route':>7}{'MB':>8}{'tok/s':>9}{'of limit':>10}{'x fp32':>8}"
+             f"{'roofline':>10}{'of roofline':>13}"]
     for w, r in d['weights'].items():
         x = '' if r['x_fp32'] is None else f"{r['x_fp32']:.2f}x"
-        lines.append(f"{w:<8}{r['bytes'] / 1e6:8.1f}{r['tokens_per_s']:9.1f}{r['of_limit']:10.0%}"
-                     f"{x:>8}{r['roofline']:10.1f}{r['of_roofline']:13.0%}")
+        lines.append(f"{w:<8}{r.get('route', '?'):>7}{r['bytes'] / 1e6:8.1f}{r['tokens_per_s']:9.1f}"
+                     f"{r['of_limit']:10.0%}{x:>8}{r['roofline']:10.1f}{r['of_roofline']:13.0%}")
     if 'bf16' in d['weights'] and d['cpu_has_bf16'] is not None:
         has = 'yes' if d['cpu_has_bf16'] else 'no'
         lines.append(f"bf16 instructions on this CPU (avx512_bf16, AMX): {has}; without them bf16 "

@@ -14,7 +14,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
-from .config import MunchkinError, Parser, run_cli, say, pprint_dict, resolve_device
+from .config import (MunchkinError, Parser, run_cli, say, pprint_dict, resolve_device,
+                                shown)
 from .gpt import GPT, shape_logits
 from .checkpoint import checkpoint_path, load_checkpoint
 from .checkpoint import model_from_checkpoint, tokenizer_from_checkpoint
@@ -438,7 +439,7 @@ def _check_fit(a, s:Sampler, prompt:str) -> int:
 def _print_setup(a, s:Sampler, top_k:int, threads:int):
     "`--verbose`: the setup and the model configuration, on stderr"
     loss = s.info['best_val_loss']
-    setup = {'Run': a.run, 'Checkpoint': checkpoint_path(a.run), 'Dataset': s.info['dataset'],
+    setup = {'Run': a.run, 'Checkpoint': shown(checkpoint_path(a.run)), 'Dataset': s.info['dataset'],
              'Tokenizer': f"{getattr(s.tok, 'kind', '?')} ({s.vocab_size} tokens)",
              'Trained iterations': s.info['iter_num'],
              'Best val loss': None if loss is None else f'{float(loss):.4f}',
