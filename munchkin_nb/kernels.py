@@ -163,6 +163,9 @@ def set_threads(n:int=0, # threads for torch; 0: the free cores now, then adapt 
     "Use `n` CPU threads for torch (0: choose from the cores free now and adapt); the number in use"
     global _CONTROLLER, _MARK
     if n < 0: raise MunchkinError(f"threads={n} must be 0 (choose) or a positive number")
+    if n > usable_cores():                      # more threads than CPUs only crowd them
+        raise MunchkinError(f"threads={n} is more than the {usable_cores()} CPUs this process may "
+                            f"use; use 0 (choose) or 1 to {usable_cores()}")
     if n or 'OMP_NUM_THREADS' in os.environ:    # the user's choice: fixed
         if n: torch.set_num_threads(n)
         _CONTROLLER = None
