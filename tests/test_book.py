@@ -7,7 +7,7 @@ import pytest
 from conftest import REPO
 
 NBS = REPO/'nbs'
-CHAPTERS = ['00_data', '01_attention', '02_gpt', '03_train', '04_generate']
+CHAPTERS = ['00_data', '01_attention', '02_gpt', '03_train', '04_generate', '05_tokenizer']
 NOTEBOOKS = sorted(p.stem for p in NBS.glob('*.ipynb'))
 MAX_BYTES = 1_000_000
 MIN_IMAGES = 8  # across the chapters

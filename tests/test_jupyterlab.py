@@ -14,7 +14,7 @@ SKIP_FLAGS = ('notest', 'slow')
 # plots each chapter draws when run (the cells nbdev_test skips are left out): character and token statistics;
 # an attention heatmap; a picture of the model; the learning-rate schedule and the live loss curves; the
 # next-token distribution. Appendix notebooks may plot too, and are checked for errors the same way.
-MIN_PLOTS = {'00_data': 2, '01_attention': 1, '02_gpt': 1, '03_train': 2, '04_generate': 1}
+MIN_PLOTS = {'00_data': 2, '01_attention': 1, '02_gpt': 1, '03_train': 2, '04_generate': 1, '05_tokenizer': 3}
 
 def _machine_slowness(reference_s:float=0.080) -> float:
     "How many times slower than the reference this machine runs a fixed mix of Python and torch work"
