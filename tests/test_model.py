@@ -1,6 +1,7 @@
 """Model tests the chapters cannot show: the cached model against recomputation at a shape that takes
 the measured decode routes, seeded dropout, Hugging Face weights both ways (against `transformers`
-and `safetensors`), damaged folders, the offline hub, the bench CLI"""
+and `safetensors`), damaged folders and lying headers, the offline hub, the peak memory of loading a
+1.4 GB folder, the bench CLI"""
 import json, math, os, re, subprocess, sys
 from pathlib import Path
 import pytest, torch
@@ -140,17 +141,23 @@ def test_from_pretrained_hub_refuses(monkeypatch):
     assert 'pass a local folder' in str(e.value) and '\n' not in str(e.value)
 
 def test_from_pretrained_offline_hub_cli(tmp_path):
-    "HF_HUB_OFFLINE=1 and an empty cache: the real library, through the CLI wrapper: one error line, exit 2"
+    """HF_HUB_OFFLINE=1, the real library: a name in the hub's cache loads from it; one that is not fails
+    through the CLI wrapper with one error line naming the remedy, exit 2, nothing written"""
     pytest.importorskip('huggingface_hub')
+    snap = tmp_path/'hf'/'hub'/'models--gpt2'/'snapshots'/('0' * 40)     # the hub's cache layout
+    save_pretrained(tiny(), snap)
+    (snap.parents[1]/'refs').mkdir()
+    (snap.parents[1]/'refs'/'main').write_text('0' * 40)
     env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path/'hf')}
     code = ('import sys; from munchkin_nb.config import run_cli; from munchkin_nb.hub import from_pretrained; '
-            'run_cli(from_pretrained, sys.argv[1])')
+            'print(from_pretrained("gpt2").num_params(), flush=True); run_cli(from_pretrained, sys.argv[1])')
+    before = sorted(tmp_path.rglob('*'))
     r = subprocess.run([sys.executable, '-c', code, 'gpt2-medium'], env=env, capture_output=True, text=True,
                        timeout=120)
-    assert r.returncode == 2 and r.stdout == '', r.stderr
+    assert r.returncode == 2 and r.stdout.strip() == str(tiny().num_params()), r.stdout + r.stderr
     assert r.stderr.startswith('error: gpt2-medium is not in the Hugging Face hub') and r.stderr.count('\n') == 1
     assert 'HF_HUB_OFFLINE' in r.stderr and 'pass a local folder' in r.stderr
-    assert not [p for p in tmp_path.rglob('*') if p.is_file() and p.suffix in ('.safetensors', '.json')]
+    assert not [p for p in tmp_path.rglob('*') if p not in before and p.is_file()]
 
 def _lie(path, name, **change):
     "Rewrite the header of safetensors file `path` so that tensor `name` has `change`"
