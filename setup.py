@@ -24,7 +24,8 @@ if cfg.get('pip_requirements'): requirements += shlex.split(cfg.get('pip_require
 min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
-extras = {'dev': dev_requirements, 'datasets': ['datasets'], 'wandb': ['wandb']}
+extras = {'dev': dev_requirements, 'datasets': ['datasets'], 'wandb': ['wandb'],
+          'hub': ['huggingface_hub>=0.23']}   # downloads GPT-2 weights by name (hub.from_pretrained)
 
 setuptools.setup(
     name = cfg['lib_name'],

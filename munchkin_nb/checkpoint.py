@@ -119,7 +119,7 @@ def check_structure(ckpt, path) -> dict:
     return ckpt
 
 # %% ../nbs/12_checkpoints.ipynb #002b3b80
-def load_checkpoint(name, map_location='cpu', mmap:bool=False) -> dict:
+def load_checkpoint(name, map_location='cpu', mmap:bool=True) -> dict:
     "Run `name`'s best checkpoint (or a `.pt` file), read with `weights_only=True` and checked"
     path = checkpoint_path(name)
     if not path.is_file():

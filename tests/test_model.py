@@ -1,7 +1,8 @@
 """Model tests the chapters cannot show: the cached model against recomputation at a shape that takes
 the measured decode routes, seeded dropout, Hugging Face weights both ways (against `transformers`
-and `safetensors`), damaged folders, the offline hub, the bench CLI"""
-import json, math, subprocess, sys
+and `safetensors`), damaged folders and lying headers, the offline hub, the peak memory of loading a
+1.4 GB folder, the bench CLI"""
+import json, math, os, re, subprocess, sys
 from pathlib import Path
 import pytest, torch
 from munchkin_nb.config import MunchkinError
@@ -123,25 +124,121 @@ def test_from_pretrained_bad_folders(tmp_path):
     with pytest.raises(MunchkinError, match='only dropout'):
         from_pretrained(tmp_path, override_args=dict(n_layer=1))
 
-def test_from_pretrained_offline(tmp_path, monkeypatch):
-    "Offline without huggingface_hub, a hub name fails with one line naming the remedy, leaving nothing"
-    import urllib.request, urllib.error
-    def no_network(*args, **kw): raise urllib.error.URLError('no network')
-    monkeypatch.setattr(urllib.request, 'urlretrieve', no_network)
-    monkeypatch.setenv('MUNCHKIN_HF_CACHE', str(tmp_path))
-    monkeypatch.setitem(sys.modules, 'huggingface_hub', None)          # not installed: plain download
+def test_from_pretrained_without_hub_library(monkeypatch):
+    "Without huggingface_hub, a hub name fails with one line naming the extra and the local folder"
+    monkeypatch.setitem(sys.modules, 'huggingface_hub', None)          # not installed
     with pytest.raises(MunchkinError) as e: from_pretrained('gpt2')
-    assert 'could not download' in str(e.value) and 'pass a local folder' in str(e.value)
-    assert '\n' not in str(e.value) and not [p for p in tmp_path.rglob('*') if p.is_file()]
+    assert "pip install -e '.[hub]'" in str(e.value) and 'pass a local folder' in str(e.value)
+    assert '\n' not in str(e.value)
 
-def test_from_pretrained_offline_hub(monkeypatch):
-    "Offline with huggingface_hub, the same: one line naming the remedy"
+def test_from_pretrained_hub_refuses(monkeypatch):
+    "The hub refusing (or not having the model): one line naming the remedy"
     hub = pytest.importorskip('huggingface_hub')
-    def no_network(*args, **kw): raise OSError('no network')
-    monkeypatch.setattr(hub, 'snapshot_download', no_network)
+    def refused(*args, **kw): raise OSError('refused')
+    monkeypatch.setattr(hub, 'snapshot_download', refused)
     with pytest.raises(MunchkinError) as e: from_pretrained('gpt2')
-    assert 'could not get gpt2 from the Hugging Face hub' in str(e.value)
+    assert 'could not get gpt2 from the Hugging Face hub (OSError)' in str(e.value)
     assert 'pass a local folder' in str(e.value) and '\n' not in str(e.value)
+
+def test_from_pretrained_offline_hub_cli(tmp_path):
+    """HF_HUB_OFFLINE=1, the real library: a name in the hub's cache loads from it; one that is not fails
+    through the CLI wrapper with one error line naming the remedy, exit 2, nothing written"""
+    pytest.importorskip('huggingface_hub')
+    snap = tmp_path/'hf'/'hub'/'models--gpt2'/'snapshots'/('0' * 40)     # the hub's cache layout
+    save_pretrained(tiny(), snap)
+    (snap.parents[1]/'refs').mkdir()
+    (snap.parents[1]/'refs'/'main').write_text('0' * 40)
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path/'hf')}
+    code = ('import sys; from munchkin_nb.config import run_cli; from munchkin_nb.hub import from_pretrained; '
+            'print(from_pretrained("gpt2").num_params(), flush=True); run_cli(from_pretrained, sys.argv[1])')
+    before = sorted(tmp_path.rglob('*'))
+    r = subprocess.run([sys.executable, '-c', code, 'gpt2-medium'], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stdout.strip() == str(tiny().num_params()), r.stdout + r.stderr
+    assert r.stderr.startswith('error: gpt2-medium is not in the Hugging Face hub') and r.stderr.count('\n') == 1
+    assert 'HF_HUB_OFFLINE' in r.stderr and 'pass a local folder' in r.stderr
+    assert not [p for p in tmp_path.rglob('*') if p not in before and p.is_file()]
+
+def _lie(path, name, **change):
+    "Rewrite the header of safetensors file `path` so that tensor `name` has `change`"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], 'little')
+    h = json.loads(raw[8:8 + n])
+    h[name] = {**h[name], **change}
+    hb = json.dumps(h).encode()
+    hb += b' ' * (-len(hb) % 8)
+    path.write_bytes(len(hb).to_bytes(8, 'little') + hb + raw[8 + n:])
+    return h[name]
+
+def test_from_pretrained_lying_header(tmp_path):
+    "A header that lies about offsets or dtypes, a shape off the config: one line each, no model"
+    save_pretrained(tiny(), tmp_path/'good')
+    st = tmp_path/'good'/'model.safetensors'
+    good = st.read_bytes()
+    key = 'transformer.h.1.mlp.c_fc.weight'
+    a, b = _lie(st, key)['data_offsets']
+    cases = [(dict(data_offsets=[a, b + 64]), 'offset'),
+             (dict(data_offsets=[a + 4, b + 4]), 'invalid offset'),
+             (dict(dtype='F16'), 'invalid shape, data type, or offset'),
+             (dict(dtype='Q4'), 'unknown variant'),
+             (dict(dtype='I32'), f'{key.removeprefix("transformer.")} holds torch.int32'),
+             (dict(shape=[128, 32]), f'shape mismatch for {key}')]
+    for change, msg in cases:
+        st.write_bytes(good)
+        _lie(st, key, **change)
+        with pytest.raises(MunchkinError, match=re.escape(msg)) as e: from_pretrained(tmp_path/'good')
+        assert '\n' not in str(e.value), change
+
+PEAK_CHILD = """
+import resource, sys, torch
+from munchkin_nb.hub import from_pretrained
+m = from_pretrained(sys.argv[1])
+h = m.transformer.h
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+      sum(p.numel() * p.element_size() for p in m.parameters()),
+      h[23].mlp.c_proj.weight[5, 9].item(), m.transformer.wte.weight[50256, 3].item(), m.lm_head.weight[50256, 3].item())
+"""
+
+def _filled(shape, seed):
+    "A tensor of `shape` filled with a repeating block of random numbers (quick even at 1 GB)"
+    t, block = torch.empty(shape), torch.rand(1009 * 61, generator=torch.Generator().manual_seed(seed))
+    flat, m = t.view(-1), len(block)
+    k = flat.numel() // m * m
+    flat[:k].view(-1, m).copy_(block)
+    flat[k:] = block[:flat.numel() - k]
+    return t
+
+def test_from_pretrained_peak_memory(tmp_path):
+    "A 1.4 GB gpt2-medium-shaped folder loads in a child whose peak memory is about file + model"
+    st = pytest.importorskip('safetensors.torch')
+    V, T, C, L, H = 50257, 1024, 1024, 24, 16
+    per_layer = {'ln_1.weight': (C,), 'ln_1.bias': (C,), 'attn.c_attn.weight': (C, 3 * C),
+                 'attn.c_attn.bias': (3 * C,), 'attn.c_proj.weight': (C, C), 'attn.c_proj.bias': (C,),
+                 'ln_2.weight': (C,), 'ln_2.bias': (C,), 'mlp.c_fc.weight': (C, 4 * C), 'mlp.c_fc.bias': (4 * C,),
+                 'mlp.c_proj.weight': (4 * C, C), 'mlp.c_proj.bias': (C,)}
+    shapes = {'transformer.wte.weight': (V, C), 'transformer.wpe.weight': (T, C),
+              'transformer.ln_f.weight': (C,), 'transformer.ln_f.bias': (C,)}
+    shapes.update({f'transformer.h.{i}.{k}': s for i in range(L) for k, s in per_layer.items()})
+    sd = {k: _filled(s, i) for i, (k, s) in enumerate(shapes.items())}
+    want = (sd['transformer.h.23.mlp.c_proj.weight'][9, 5].item(), sd['transformer.wte.weight'][50256, 3].item())
+    st.save_file(sd, tmp_path/'model.safetensors', metadata={'format': 'pt'})
+    del sd
+    (tmp_path/'config.json').write_text(json.dumps(dict(
+        architectures=['GPT2LMHeadModel'], model_type='gpt2', vocab_size=V, n_positions=T, n_ctx=T, n_embd=C,
+        n_layer=L, n_head=H, n_inner=None, activation_function='gelu_new', layer_norm_epsilon=1e-5,
+        bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=True, torch_dtype='float32')))
+    file_bytes = (tmp_path/'model.safetensors').stat().st_size
+    assert file_bytes > 1e9
+    r = subprocess.run([sys.executable, '-c', PEAK_CHILD, str(tmp_path)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    peak, model_bytes, w, e, head = r.stdout.split()
+    peak, model_bytes = int(peak), int(model_bytes)
+    assert (float(w), float(e)) == want and float(head) == float(e)      # transposed, tied, the file's values
+    ratio = peak / (file_bytes + model_bytes)
+    print(f"peak {peak / 2**30:.2f} GiB for a {file_bytes / 2**30:.2f} GiB file and a "
+          f"{model_bytes / 2**30:.2f} GiB model: {ratio:.2f}x the two")
+    assert ratio <= 1.17
 
 def test_bench_cli(tmp_path):
     out = tmp_path/'b.json'
