@@ -18,7 +18,7 @@ from .data import tokenizer_from_dict, token_bytes, check_block_size, BatchSampl
 from .prepare import ensure_prepared
 from .gpt import GPTConfig, GPT
 from .checkpoint import (rng_state, set_rng_state, checkpoint_path, last_path,
-                                    resume_path, save_checkpoint, load_checkpoint, check_fit,
+                                    resume_path, save_checkpoint, load_checkpoint,
                                     model_from_checkpoint)
 from .kernels import set_threads
 
@@ -137,18 +137,10 @@ def _dataset(self:Trainer) -> dict:
 
 @patch
 def _open_run(self:Trainer):
-    "The checkpoint to resume from (checked against the settings), or None"
-    s = self.settings
-    if s.init_from != 'resume': return None
-    self.resume_from = resume_path(s.name)
-    ckpt = load_checkpoint(self.resume_from)
-    missing = [k for k in ('optimizer', 'iter_num', 'rng', 'sampler') if k not in ckpt]
-    if missing:
-        raise MunchkinError(f"{self.resume_from} holds a model but no training state "
-                            f"({missing[0]!r}); train from scratch with another --name")
-    want = {**s.model_config_kwargs(), 'vocab_size': dataset_vocab(s, self.meta)}
-    check_fit(ckpt, want, self.meta['tokenizer'], self.resume_from)
-    return ckpt
+    "The checkpoint to resume from, or None"
+    if self.settings.init_from != 'resume': return None
+    self.resume_from = resume_path(self.settings.name)   # last.pt, else checkpoint.pt
+    return load_checkpoint(self.resume_from)
 
 # %% ../nbs/03_train.ipynb #f9ffeb3e
 @patch
@@ -289,17 +281,11 @@ def save(self:Trainer, best:bool=False):
 @patch
 def restore(self:Trainer, ckpt:dict):
     "Continue from `ckpt`: optimizer, scaler, iteration, best val loss, random states, sampler"
-    d = self.dist
-    try:
-        self.optimizer.load_state_dict(ckpt['optimizer'])
-        if ckpt.get('scaler'): self.scaler.load_state_dict(ckpt['scaler'])
-        if d.rank == 0:   # the other ranks keep their own seeds: a checkpoint holds rank 0's state
-            set_rng_state(ckpt['rng'])
-            self.sampler.load_state_dict(ckpt['sampler'])
-    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
-        why = type(e).__name__
-        raise MunchkinError(f"{self.resume_from} does not fit this run's optimizer or random state "
-                            f"({why}); resume with its own settings or train again") from None
+    self.optimizer.load_state_dict(ckpt['optimizer'])
+    if ckpt.get('scaler'): self.scaler.load_state_dict(ckpt['scaler'])
+    if self.dist.rank == 0:   # the other ranks keep their own seeds: a checkpoint holds rank 0's state
+        set_rng_state(ckpt['rng'])
+        self.sampler.load_state_dict(ckpt['sampler'])
     self.iter_num = self.start_iter = self.saved_iter = ckpt['iter_num']
     self.evaluated = self.iter_num if ckpt.get('evaluated') else None
     self.best_val_loss, self.best_iter = ckpt.get('best_val_loss', 1e9), ckpt.get('best_iter')
