@@ -6,7 +6,7 @@
 __all__ = ['STOP_SIGNALS', 'Run', 'check_wandb', 'read_metrics', 'history_at', 'MetricsFile', 'Wandb', 'LossPNG', 'dist_from_env',
            'setup_dist', 'wrap_ddp', 'train_main', 'train_cli', 'full_loss', 'eval_main', 'eval_cli']
 
-# %% ../nbs/16_runs.ipynb #a34e522a
+# %% ../nbs/16_runs.ipynb #9c9f25ff
 import os, sys, io, gc, json, time, shlex, signal, threading, contextlib
 from dataclasses import asdict
 from pathlib import Path
@@ -25,7 +25,7 @@ from .kernels import measure_matmul_peak, set_threads
 from .train import (Dist, Trainer, Callback, autocast_ctx, dataset_vocab, bits_per_byte,
                                estimate_loss, plot_losses, _PTDTYPE)
 
-# %% ../nbs/16_runs.ipynb #156372d9
+# %% ../nbs/16_runs.ipynb #a82aa17e
 class Run(Trainer):
     "A `Trainer` for long runs: its folder locked, a report, metrics.jsonl, stop signals, DDP"
     def __init__(self, settings:Settings, callbacks=None, quiet:bool=False, dist:Dist=None,
@@ -38,7 +38,7 @@ class Run(Trainer):
             self.close()   # the lock released, the folder removed if this run made it
             raise
 
-# %% ../nbs/16_runs.ipynb #1c719e53
+# %% ../nbs/16_runs.ipynb #abb24668
 def check_wandb(s:Settings):
     "Fail early when wandb logging is asked for but wandb is not installed"
     if not s.wandb_log: return
@@ -64,7 +64,7 @@ def _device(self:Run):
         raise MunchkinError("dtype bfloat16 is not supported on this GPU; use --dtype float16")
     return device, dtype
 
-# %% ../nbs/16_runs.ipynb #100b0965
+# %% ../nbs/16_runs.ipynb #bcfc5051
 @patch
 def _open_run(self:Run):
     "Lock the run folder for this process's life and check it again; then the Trainer's checkpoint"
@@ -105,7 +105,7 @@ def _end(self:Run):
     try: Trainer._end(self)
     finally: self.close()
 
-# %% ../nbs/16_runs.ipynb #e58cebc1
+# %% ../nbs/16_runs.ipynb #33a3d4e9
 def _hms(secs:float) -> str:
     "`secs` as h:mm:ss or m:ss"
     m, sec = divmod(int(round(secs)), 60)
@@ -133,7 +133,7 @@ def _mfu(self:Run, per_iter:float) -> float:
     self.mfu = m if self.mfu == -1.0 else 0.9 * self.mfu + 0.1 * m
     return self.mfu
 
-# %% ../nbs/16_runs.ipynb #887deb34
+# %% ../nbs/16_runs.ipynb #8eb2c46c
 @patch
 def log_record(self:Run, lossf:float) -> dict:
     "The Trainer's log record, with the MFU and the seconds since launch"
@@ -152,7 +152,7 @@ def log_line(self:Run, rec:dict) -> str:
             f"elapsed, ETA {eta}, {rec['dt'] * 1000:.1f} ms/iter, "
             f"mfu {max(rec['mfu'], 0) * 100:.1f}%, lr {rec['lr']:.2e}")
 
-# %% ../nbs/16_runs.ipynb #dfd267b1
+# %% ../nbs/16_runs.ipynb #04774929
 @patch
 def settings_in_effect(self:Run) -> dict:
     "The settings as used: device, dtype and threads resolved, the dataset's split and vocabulary"
@@ -214,7 +214,7 @@ def end_record(self:Run) -> dict:
     return dict(kind='end', iter=self.iter_num, stopped_by=sig, best_val_loss=self.best_val_loss,
                 best_iter=self.best_iter, phases=self.phases(), time=time.time())
 
-# %% ../nbs/16_runs.ipynb #a0f899c2
+# %% ../nbs/16_runs.ipynb #87b1dd6b
 def read_metrics(path) -> list:
     "The records of a `metrics.jsonl` (lines that are not complete JSON objects are skipped)"
     out = []
@@ -234,7 +234,7 @@ def history_at(records:list, iter_num:int, evaluated:bool=False) -> list:
         elif r['kind'] in ('log', 'eval'): out.append(r)
     return [o for o in out if before(o, iter_num, evaluated)]
 
-# %% ../nbs/16_runs.ipynb #c355e421
+# %% ../nbs/16_runs.ipynb #07cc5bbe
 class MetricsFile(Callback):
     "Every record in `models/<name>/metrics.jsonl`, each naming the run (process) that wrote it"
     def on_start(self, tr):
@@ -252,7 +252,7 @@ class MetricsFile(Callback):
         self._write(tr.end_record())
         self.f.close()
 
-# %% ../nbs/16_runs.ipynb #5f47c960
+# %% ../nbs/16_runs.ipynb #bdfc57c4
 class Wandb(Callback):
     "Log evals and training losses to Weights & Biases"
     def on_start(self, tr):
@@ -268,7 +268,7 @@ class Wandb(Callback):
                       **bpb})
     def on_end(self, tr): self.run.finish()
 
-# %% ../nbs/16_runs.ipynb #678e53c9
+# %% ../nbs/16_runs.ipynb #a5a72de8
 class LossPNG(Callback):
     "Redraw `models/<name>/loss.png` at an eval when `every` seconds have passed, and at the end"
     def __init__(self, every:float=30.0): # least seconds between two redraws at evals
@@ -291,7 +291,7 @@ def default_callbacks(self:Run) -> list:
     "A loss.png refreshed at each eval, and a live plot in notebooks"
     return [LossPNG()] + Trainer.default_callbacks(self)
 
-# %% ../nbs/16_runs.ipynb #56d68509
+# %% ../nbs/16_runs.ipynb #49b5ec92
 def _best_on_disk(name:str) -> tuple:
     "Best val loss, its iteration and bits per byte in run `name`'s `checkpoint.pt` (inf if none)"
     try: ck = load_checkpoint(checkpoint_path(name), mmap=True)
@@ -328,7 +328,7 @@ def restore(self:Run, ckpt:dict):
     records = read_metrics(self.out_dir/'metrics.jsonl') if d.master else []
     self.history = history_at(records, self.iter_num, self.evaluated is not None)
 
-# %% ../nbs/16_runs.ipynb #29a3b91e
+# %% ../nbs/16_runs.ipynb #fb28cf08
 STOP_SIGNALS = ('SIGINT', 'SIGTERM', 'SIGHUP')
 
 def _quit_now(signum:int):
@@ -358,7 +358,7 @@ def _signals(self:Run):
     finally:
         for sig, h in old.items(): signal.signal(sig, h)
 
-# %% ../nbs/16_runs.ipynb #87daaa77
+# %% ../nbs/16_runs.ipynb #f322d587
 @patch
 def _should_stop(self:Run) -> bool:
     "Whether a stop signal arrived here (or, under DDP, at any process: all stop together)"
@@ -379,7 +379,7 @@ def _stopped(self:Run):
                   f"holds it; continue with: {self.resume_cmd}")
     say(style(line, 'yellow'), file=sys.stderr)
 
-# %% ../nbs/16_runs.ipynb #8909d6f8
+# %% ../nbs/16_runs.ipynb #891b460a
 def dist_from_env(environ=None) -> Dist:
     "The DDP layout `torchrun` put in the environment (a single process without it)"
     environ = os.environ if environ is None else environ
@@ -406,7 +406,7 @@ def wrap_ddp(model, dist:Dist, device_type:str):
     from torch.nn.parallel import DistributedDataParallel as DDP
     return DDP(model, device_ids=[dist.local_rank] if device_type == 'cuda' else None)
 
-# %% ../nbs/16_runs.ipynb #f1258d88
+# %% ../nbs/16_runs.ipynb #f337c737
 @patch
 def setup(self:Run):
     "Under DDP: the process group first, the Trainer's setup, then the model wrapped"
@@ -454,7 +454,7 @@ def _finish(self:Run):
         torch.distributed.barrier()
     Trainer._finish(self)
 
-# %% ../nbs/16_runs.ipynb #e4760e0d
+# %% ../nbs/16_runs.ipynb #0aa370f8
 def _parser(prog:str, description:str) -> Parser:
     p = Parser(prog, description)
     p.add_argument('config', help="config name (see munchkin-nb-configs) or a path to a .env file")
@@ -474,7 +474,7 @@ def _process_start() -> float:
         return time.time() - uptime + ticks / os.sysconf('SC_CLK_TCK')
     except (OSError, ValueError, IndexError): return time.time()
 
-# %% ../nbs/16_runs.ipynb #3757c7ef
+# %% ../nbs/16_runs.ipynb #d704bec1
 def train_main(argv=None) -> Run:
     "Headless training: `munchkin-nb-train CONFIG [--setting value ...]`"
     about = 'Train a GPT (headless); the dataset is prepared first when missing'
@@ -492,7 +492,7 @@ def train_cli(argv=None):
     "Console script: train a GPT"
     run_cli(train_main, argv)
 
-# %% ../nbs/16_runs.ipynb #27f0f7f7
+# %% ../nbs/16_runs.ipynb #36b5f13f
 @torch.no_grad()
 def full_loss(model, dataset:str, split:str, block_size:int, batch_size:int, device='cpu',
               ctx=contextlib.nullcontext(), show:bool=True, tbytes=None) -> dict:
@@ -509,7 +509,7 @@ def full_loss(model, dataset:str, split:str, block_size:int, batch_size:int, dev
     if tbytes is not None: out.update(bpb=bits_per_byte(out['loss'], tokens, nbytes), bytes=nbytes)
     return out
 
-# %% ../nbs/16_runs.ipynb #6f094de1
+# %% ../nbs/16_runs.ipynb #157c2335
 def eval_main(argv=None) -> dict:
     "Loss and bits per byte of a run's best checkpoint: `munchkin-nb-eval CONFIG [--full] [...]`"
     p = _parser('munchkin-nb-eval', "Loss and bits per byte of a run's best-val checkpoint")
