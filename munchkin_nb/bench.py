@@ -550,7 +550,7 @@ def gpu_check(device='cuda', nanogpt=None, quick:bool=False, budget_s:float=540.
     env = {**os.environ, 'MUNCHKIN_ROOT': str(work), 'PYTHONUNBUFFERED': '1',
            'PYTHONPATH': os.pathsep.join(p for p in paths if p)}
     small = QUICK if quick else {}
-    train = [sys.executable, '-c', 'from munchkin_nb.train import train_cli; train_cli()',
+    train = [sys.executable, '-c', 'from munchkin_nb.runs import train_cli; train_cli()',
              'shakespeare-char', '--device', str(device), '--source', str(source),
              '--overwrite', 'true', *_flags(small)]
     short = dict(always_save_checkpoint='true')

@@ -104,7 +104,7 @@ def _wait_for(lines, prefix:str, p, timeout:float=120):
     raise AssertionError(f'no line starting with {prefix!r}: {p.stderr.read()[-2000:]}')
 
 def _metrics(root, name):
-    from munchkin_nb.train import read_metrics
+    from munchkin_nb.runs import read_metrics
     return read_metrics(root/'models'/name/'metrics.jsonl')
 
 def _run_losses(root, name) -> dict:
@@ -163,7 +163,7 @@ def test_second_signal_quits_at_once(root):
     if p.returncode == 143: assert 'SIGTERM again: quitting now; the checkpoints on disk are intact' in err
     for f in ('checkpoint.pt', 'last.pt'):
         assert _load(root/'models'/'twice'/f)['iter_num'] >= 20
-    r = subprocess.run([sys.executable, '-c', 'from munchkin_nb.train import _quit_now; _quit_now(1)'], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, '-c', 'from munchkin_nb.runs import _quit_now; _quit_now(1)'], capture_output=True, text=True)
     assert r.returncode == 129 and r.stderr.strip() == 'SIGHUP again: quitting now; the checkpoints on disk are intact'
 
 def test_ctrl_c_through_tee(root, tmp_path):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest, torch
 from conftest import BIN, bpe_available, run_script
 from munchkin_nb.config import load_settings, MunchkinError, run_cli
-from munchkin_nb.train import (train, train_main, eval_main, read_metrics, Callback, TrainingDiverged, Trainer,
-                               full_loss, estimate_loss)
+from munchkin_nb.train import Callback, TrainingDiverged
+from munchkin_nb.runs import Run, train_main, eval_main, read_metrics, full_loss
 from munchkin_nb.checkpoint import load_checkpoint, checkpoint_path, last_path, save_checkpoint
 
 CONFIG = 'shakespeare-char-cpu'
@@ -22,6 +22,9 @@ def one_thread():
     torch.set_num_threads(n)
 
 def tiny(**kw) -> dict: return {**TINY, **kw}
+def train(s, callbacks=None, quiet=False) -> Run:
+    "A `Run` (lock, metrics.jsonl, report), as the console script trains"
+    return Run(s, callbacks=callbacks, quiet=quiet).run()
 def argv(**kw) -> list: return [a for k, v in tiny(**kw).items() for a in (f'--{k}', str(v))]
 def run(**kw): return train(load_settings(CONFIG, tiny(**kw)), callbacks=[], quiet=True)
 def losses(recs) -> dict:
@@ -195,7 +198,7 @@ def test_log_file_reports_the_run(run_cli, root):
 
 def test_mfu_never_above_100(root):
     "A peak measured far too low (as under load) is measured again, and MFU stays at most 100%"
-    tr = Trainer(load_settings(CONFIG, tiny(name='mfu')), quiet=True)
+    tr = Run(load_settings(CONFIG, tiny(name='mfu')), quiet=True)
     tr.setup()
     tr.iter_num, tr.start_iter, tr.mfu, tr.peak_flops = 10, 0, -1.0, 1.0   # 1 FLOP/s: any step beats it
     m = tr._mfu(per_iter=1e-3)

@@ -12,8 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 unset MPLBACKEND  # a non-interactive backend would keep figures out of the saved outputs
 
-ORDER=(00_data 01_attention 02_gpt 03_train 04_generate 05_tokenizer 10_settings 11_corpus 12_checkpoints \
-       13_gpt2_weights 14_cpu_speed 15_bench index)
+ORDER=(00_data 01_attention 02_gpt 03_train 04_generate 05_tokenizer 10_settings 11_corpus \
+       12_checkpoints 13_gpt2_weights 14_cpu_speed 15_bench 16_runs index)
 for nb in nbs/*.ipynb; do  # a notebook missing from ORDER still runs, last
   name=$(basename "$nb" .ipynb)
   [[ " ${ORDER[*]} " == *" $name "* ]] || ORDER+=("$name")
