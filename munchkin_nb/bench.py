@@ -647,9 +647,9 @@ def _report_path(out:str) -> Path:
     if out and not path.parent.is_dir():
         raise MunchkinError(f"--out {out}: folder {shown(path.parent)} does not exist; create it "
                             f"first (mkdir -p {shown(path.parent)})")
-    probe = path.parent/f'.{path.name}.probe'          # the report is written by a rename here
+    folder = path.parent if path.parent.exists() else path.parent.parent   # bench/ comes at the end
+    probe = folder/f'.{path.name}.probe'               # the report is written by a rename there
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         probe.write_text('')
         probe.unlink()
     except OSError as e:
@@ -735,6 +735,7 @@ def bench_cli(argv=None):
             text = format_bench(rep)
         say(text)
         if out is not None:
+            out.parent.mkdir(exist_ok=True)
             with atomic_write(out) as tmp: tmp.write_text(json.dumps(rep, indent=2))
             say(f"wrote {shown(out)}")
     run_cli(main)

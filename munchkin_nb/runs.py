@@ -15,7 +15,7 @@ from fastcore.basics import patch
 from .config import (MunchkinError, Parser, run_cli, say, style, pprint_dict, Settings,
                                 load_settings, add_settings_options, settings_overrides,
                                 resolve_device, resolve_dtype, progress, atomic_write,
-                                remove_stale_tmp, run_lock)
+                                remove_stale_tmp, run_lock, shown)
 from .data import load_meta, tokenizer_from_dict, token_bytes, BatchSampler, iter_split
 from .prepare import ensure_prepared, is_prepared
 from .gpt import GPTConfig, GPT
@@ -202,9 +202,9 @@ def summary(self:Run) -> str:
     done = f"\nDone: {self.iter_num:,}/{s.max_iters:,} iterations in {_hms(p['total'])}"
     return '\n'.join([style(f"{done} ({p['total']:.1f} s): {parts}", 'yellow'),
                       f"{best[0].upper()}{best[1:]}",
-                      f"Best-val checkpoint: {checkpoint_path(s.name)}",
-                      f"Latest state (resumable): {last_path(s.name)}",
-                      *([f"Loss curves: {png}"] if png.exists() else []),
+                      f"Best-val checkpoint: {shown(checkpoint_path(s.name))}",
+                      f"Latest state (resumable): {shown(last_path(s.name))}",
+                      *([f"Loss curves: {shown(png)}"] if png.exists() else []),
                       f"Try it: munchkin-nb-generate {s.name}"])
 
 @patch
