@@ -638,6 +638,21 @@ def format_gpu_check(g:dict) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/15_bench.ipynb #d3fadca4
+def _quality_main(a) -> tuple:
+    "`--quality RUN`: load the checkpoint, prepare its dataset if needed, measure"
+    from munchkin_nb.checkpoint import (load_checkpoint, model_from_checkpoint,
+                                        tokenizer_from_checkpoint)
+    from munchkin_nb.prepare import ensure_prepared
+    set_threads(a.threads)
+    ckpt = load_checkpoint(a.quality, map_location=a.device)
+    dataset = (ckpt.get('settings') or {}).get('dataset')
+    if not dataset: raise MunchkinError(f"checkpoint {a.quality} does not name its dataset")
+    ensure_prepared(dataset)
+    model = model_from_checkpoint(ckpt, a.device)
+    prompt = torch.tensor([tokenizer_from_checkpoint(ckpt).encode('\n')], device=a.device)
+    q = weights_quality(model, dataset, tokens=a.quality_tokens, device=a.device, prompt=prompt)
+    return q, format_quality(q)
+
 MAX_COMPETITORS = 4   # competing processes per usable CPU at most: more only measures the scheduler
 
 def _report_path(out:str) -> Path:
