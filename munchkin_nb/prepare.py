@@ -261,13 +261,15 @@ def _train_tokenizer(files:list, doc_chars:np.ndarray, val_size:float, rule:str,
     "A BPE trained by rustbpe on the training split of `files`, saved as `folder/tokenizer.json`"
     t0, pieces = time.time(), (piece for p in files for piece in _pieces(p))
     tok = train_fast(_train_texts(pieces, doc_chars, val_size, rule), vocab_size, special=_SPECIAL)
-    made, asked = tok.vocab_size - 256 - len(_SPECIAL), vocab_size - 256 - len(_SPECIAL)
-    if made < asked:
-        say(f"note: the training text allows {made:,} merges, not the {asked:,} asked; the "
-            f"vocabulary has {tok.vocab_size:,} tokens", file=sys.stderr)
     tok.save(folder/'tokenizer.json')
     say(f"trained a BPE of {tok.vocab_size:,} tokens on the training split in {time.time() - t0:.1f} s")
     return tok
+
+def _note_merges(tok, vocab_size:int):
+    "A note when the text allowed fewer merges than `vocab_size` asks for (said once the build is good)"
+    made, asked = tok.vocab_size - 256 - len(_SPECIAL), vocab_size - 256 - len(_SPECIAL)
+    if made < asked: say(f"note: the training text allows {made:,} merges, not the {asked:,} asked; "
+                         f"the vocabulary has {tok.vocab_size:,} tokens", file=sys.stderr)
 
 def _described(tok, folder:Path, vocab_size:int) -> dict:
     "What `meta.json` keeps of `tok`: its description, or a trained one's file, hash and size asked"
@@ -309,6 +311,7 @@ def _build(folder:Path, dataset:str, tokenizer:str, source, val_size:float, thre
                 val_size=val_size, split=rule, documents=len(doc_chars) if files else len(ends_at))
     if rule == 'documents': meta['shuffle_seed'] = _SEED
     _check_split(meta, source, folder)
+    if tokenizer == 'bpe': _note_merges(tok, vocab_size)
     (folder/'meta.json').write_text(json.dumps(meta, indent=1))
     _sync(folder)
     n, secs = meta['train_tokens'] + meta['val_tokens'], time.time() - t0
