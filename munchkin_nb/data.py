@@ -73,7 +73,7 @@ def tokenizer_from_dict(d:dict):
     if d.get('kind') == 'char': return CharTokenizer(d['chars'])
     if d.get('kind') == 'bpe': return BPETokenizer(d.get('encoding', 'r50k_base'))
     if d.get('kind') == 'bpe-trained':
-        from .tokenizer import bpe_from_dict   # chapter 05's trained byte-level BPE
+        from munchkin_nb.tokenizer import bpe_from_dict   # chapter 05's trained byte-level BPE
         return bpe_from_dict(d)
     raise MunchkinError(f"unknown tokenizer {d!r}; expected kind 'char', 'bpe' or 'bpe-trained'")
 
@@ -145,7 +145,7 @@ def _read_trained(dataset:str, meta:dict) -> dict:
     "`meta` with its trained tokenizer's full description, read from its file and checked"
     t = meta['tokenizer']
     if t.get('kind') != 'bpe-trained' or 'merges' in t: return meta
-    from .tokenizer import load_bpe   # chapter 05's trained byte-level BPE
+    from munchkin_nb.tokenizer import load_bpe   # chapter 05's trained byte-level BPE
     path = data_dir(dataset)/str(t.get('file', 'tokenizer.json'))
     if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() != t.get('sha256'):
         raise _damaged(dataset, f"{path} does not match meta.json (its SHA-256 differs)")
