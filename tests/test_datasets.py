@@ -58,8 +58,8 @@ def test_list_and_block_size(root, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ['name', 'tokenizer', 'vocab', 'bytes/token', 'train', 'tokens', 'val', 'tokens', 'source']
     assert lines[1].startswith("broken") and "dataset 'broken' is damaged" in lines[1]
-    assert lines[2].split()[:5] == ['poem', 'gpt2', '50,257', '216', '24']
-    assert lines[3].split()[:5] == ['shakespeare_char', 'char', '65', '1,003,854', '111,540']
+    assert lines[2].split()[:6] == ['poem', 'gpt2', '50,257', '3.33', '216', '24']
+    assert lines[3].split()[:6] == ['shakespeare_char', 'char', '65', '1.00', '1,003,854', '111,540']
     assert [r['name'] for r in list_datasets() if not r['problem']] == ['poem', 'shakespeare_char']
     # a dataset too small for the context: the split, its size and what to do
     with pytest.raises(MunchkinError, match=r"the val split of dataset 'poem' has 24 tokens, too few for "
