@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from .config import MunchkinError, model_dir, config_names, atomic_write
 from .data import tokenizer_from_dict, load_tokenizer
+from .tokenizer import bpe_from_dict
 from .gpt import GPT, GPTConfig
 
 # %% ../nbs/12_checkpoints.ipynb #2473194d
@@ -71,7 +72,11 @@ def _tokenizer_problem(t) -> str:
     if not isinstance(t, dict): return "'tokenizer' is not a dict"
     if t.get('kind') == 'char' and isinstance(t.get('chars'), str) and t['chars']: return ''
     if t.get('kind') == 'bpe' and isinstance(t.get('encoding', 'r50k_base'), str): return ''
-    return "'tokenizer' is neither {'kind': 'char', 'chars': ...} nor {'kind': 'bpe'}"
+    if t.get('kind') == 'bpe-trained':   # checked whole: it is all a sampler will have
+        try: bpe_from_dict(t)
+        except MunchkinError as e: return str(e)
+        return ''
+    return "'tokenizer' is neither {'kind': 'char', 'chars': ...}, {'kind': 'bpe'} nor a trained BPE"
 
 # %% ../nbs/12_checkpoints.ipynb #d5846756
 def _rng_problem(r) -> str:
@@ -138,6 +143,7 @@ def load_checkpoint(name, map_location='cpu', mmap:bool=True) -> dict:
 # %% ../nbs/12_checkpoints.ipynb #296095a9
 def _describe_tok(d:dict) -> str:
     if d.get('kind') == 'char': return f"{len(d['chars'])} characters"
+    if d.get('kind') == 'bpe-trained': return f"a trained BPE of {256 + len(d['merges'])} tokens"
     return f"GPT-2 BPE ({d.get('encoding', 'r50k_base')})"
 
 def check_fit(ckpt:dict, model_args:dict, tokenizer:dict, path) -> None:
@@ -163,9 +169,12 @@ def model_from_checkpoint(ckpt:dict, device='cpu', dropout:float=0.0) -> GPT:
     return GPT(cfg).load_weights(ckpt['model'], source='the checkpoint').to(device)
 
 def tokenizer_from_checkpoint(ckpt:dict):
-    "The tokenizer the checkpoint's model was trained with"
+    "The tokenizer the checkpoint's model was trained with (an older one's: its dataset's)"
     if 'tokenizer' in ckpt: return tokenizer_from_dict(ckpt['tokenizer'])
     dataset = (ckpt.get('settings') or {}).get('dataset')
     if not dataset:
         raise MunchkinError("the checkpoint names no tokenizer nor dataset; train again")
-    return load_tokenizer(dataset)
+    try: return load_tokenizer(dataset)
+    except MunchkinError as e:
+        raise MunchkinError(f"the checkpoint carries no tokenizer, and its dataset's is not "
+                            f"there: {e}") from None

@@ -7,7 +7,7 @@ __all__ = ['CharTokenizer', 'BPETokenizer', 'tokenizer_from_dict', 'token_bytes'
            'check_block_size', 'BatchSampler', 'iter_split']
 
 # %% ../nbs/00_data.ipynb #4f629d33
-import os, sys, json, mmap
+import os, sys, json, mmap, hashlib
 from pathlib import Path
 from typing import Iterator
 import numpy as np
@@ -72,7 +72,11 @@ def tokenizer_from_dict(d:dict):
     "The tokenizer that `to_dict` described"
     if d.get('kind') == 'char': return CharTokenizer(d['chars'])
     if d.get('kind') == 'bpe': return BPETokenizer(d.get('encoding', 'r50k_base'))
-    raise MunchkinError(f"unknown tokenizer {d!r}; expected kind 'char' or 'bpe'")
+    if d.get('kind') == 'bpe-trained':
+        from munchkin_nb.tokenizer import bpe_from_dict   # chapter 05's trained byte-level BPE
+        return bpe_from_dict(d)
+    raise MunchkinError(f"unknown tokenizer {d!r}; expected kind 'char', 'bpe' or 'bpe-trained'")
+
 
 # %% ../nbs/00_data.ipynb #aba0fc8b
 def token_bytes(tok) -> torch.Tensor:
@@ -82,8 +86,9 @@ def token_bytes(tok) -> torch.Tensor:
     for i in range(tok.vocab_size):
         try: out[i] = len(tok.enc.decode_single_token_bytes(i))
         except KeyError: pass  # ids with no bytes
-    out[tok.eot_token] = 0
+    if tok.eot_token is not None: out[tok.eot_token] = 0
     return out
+
 
 # %% ../nbs/00_data.ipynb #c0eb60a0
 def read_text(path) -> str:
@@ -116,7 +121,7 @@ def _check_meta(dataset:str, meta) -> dict:
 
 # %% ../nbs/00_data.ipynb #ff2b351a
 def load_meta(dataset:str, check:bool=True) -> dict:
-    "The prepared dataset's metadata, checked against its bins"
+    "The prepared dataset's metadata, checked against its bins (and a trained tokenizer's file)"
     ddir = data_dir(dataset)
     try: meta = _check_meta(dataset, json.loads((ddir/'meta.json').read_text(encoding='utf-8')))
     except (FileNotFoundError, NotADirectoryError):
@@ -132,12 +137,27 @@ def load_meta(dataset:str, check:bool=True) -> dict:
         if size % 2 or size // 2 != meta[f'{split}_tokens']:
             raise _damaged(dataset, f"{p} does not match meta.json ({size} bytes, "
                                     f"expected {meta[f'{split}_tokens']} uint16 tokens)")
-    return meta
+    return _read_trained(dataset, meta) if check else meta
+
+
+# %% ../nbs/00_data.ipynb #c75e258e
+def _read_trained(dataset:str, meta:dict) -> dict:
+    "`meta` with its trained tokenizer's full description, read from its file and checked"
+    t = meta['tokenizer']
+    if t.get('kind') != 'bpe-trained' or 'merges' in t: return meta
+    from munchkin_nb.tokenizer import load_bpe   # chapter 05's trained byte-level BPE
+    path = data_dir(dataset)/str(t.get('file', 'tokenizer.json'))
+    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() != t.get('sha256'):
+        raise _damaged(dataset, f"{path} does not match meta.json (its SHA-256 differs)")
+    tok = load_bpe(path, rebuild=f"munchkin-nb-prepare {dataset} --force")
+    return {**meta, 'tokenizer': tok.to_dict()}
+
 
 # %% ../nbs/00_data.ipynb #73f73ba8
 def load_tokenizer(dataset:str):
     "The tokenizer a prepared dataset was made with"
-    return tokenizer_from_dict(load_meta(dataset, check=False)['tokenizer'])
+    return tokenizer_from_dict(_read_trained(dataset, load_meta(dataset, check=False))['tokenizer'])
+
 
 # %% ../nbs/00_data.ipynb #2c932d40
 _OPENED = {}  # path of a split -> its open file, kept for the process's life

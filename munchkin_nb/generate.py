@@ -58,18 +58,21 @@ def from_checkpoint(cls:Sampler, name, # a run name under models/, or a path to 
     return cls(model, tokenizer_from_checkpoint(ckpt), device, str(name), ckpt, weights)
 
 # %% ../nbs/04_generate.ipynb #8929971d
+_BPE_KINDS = ('bpe', 'bpe-trained')   # GPT-2's byte-pair encoding, and one trained on a dataset
+
 @patch
 def start_token(self:Sampler) -> int:
     "The token an empty prompt starts from: newline for characters, `<|endoftext|>` for BPE"
-    if getattr(self.tok, 'kind', None) == 'bpe': return self.tok.eot_token
+    if getattr(self.tok, 'kind', None) in _BPE_KINDS: return self.tok.eot_token
     return self.tok.stoi.get('\n', 0)
+
 
 # %% ../nbs/04_generate.ipynb #430b6ecd
 @patch
 def tokenize(self:Sampler, prompt:str) -> list:
     "All token ids of `prompt` (an empty prompt is the start token)"
     if not prompt: return [self.start_token()]
-    if getattr(self.tok, 'kind', None) == 'bpe':
+    if getattr(self.tok, 'kind', None) in _BPE_KINDS:
         return self.tok.enc.encode(prompt, allowed_special={'<|endoftext|>'})
     return self.tok.encode(prompt)
 
@@ -178,13 +181,13 @@ class StreamDecoder:
     def push(self, i:int) -> str:
         "The text that token `i` completes (may be empty)"
         if self.kind == 'char': return self.tok.chars[i] if 0 <= i < len(self.tok.chars) else ''
-        if self.kind != 'bpe': return self.tok.decode([i])
+        if self.kind not in _BPE_KINDS: return self.tok.decode([i])
         if i >= self.tok.enc.n_vocab: return ''  # a padding id: the vocabulary was rounded up
         return self.utf8.decode(self.tok.enc.decode_single_token_bytes(i))
 
     def flush(self) -> str:
         "Whatever is still held back, at the end of the stream"
-        return self.utf8.decode(b'', final=True) if self.kind == 'bpe' else ''
+        return self.utf8.decode(b'', final=True) if self.kind in _BPE_KINDS else ''
 
 # %% ../nbs/04_generate.ipynb #d17a4c5e
 @patch

@@ -8,13 +8,15 @@ __all__ = ['SHAKESPEARE_URL', 'BUILTINS', 'TOKENIZERS', 'tokenizer_name', 'fetch
            'prepare_main', 'prepare_cli']
 
 # %% ../nbs/11_corpus.ipynb #433732f2
-import os, re, json, gzip, time, shutil, ctypes, hashlib, urllib.request
+import os, re, sys, json, gzip, time, shutil, ctypes, hashlib, urllib.request
 from pathlib import Path
 from typing import Iterator
 import numpy as np
 from .config import (MunchkinError, Parser, run_cli, say, progress, data_dir,
                                 offline_file, atomic_write, check_name, run_lock, shown)
-from .data import CharTokenizer, BPETokenizer, load_meta, _forget
+from .data import (CharTokenizer, BPETokenizer, load_meta, _forget, token_bytes,
+                              tokenizer_from_dict)
+from .tokenizer import train_fast, check_vocab_size
 
 # %% ../nbs/11_corpus.ipynb #62d5b985
 SHAKESPEARE_URL = ('https://raw.githubusercontent.com/karpathy/char-rnn/master/'
@@ -24,12 +26,14 @@ BUILTINS = {
     'shakespeare':      dict(tokenizer='gpt2', val_size=0.1, url=SHAKESPEARE_URL),
     'openwebtext':      dict(tokenizer='gpt2', val_size=0.005, url=None),
 }
-TOKENIZERS = {'char': 'characters of the text', 'gpt2': "GPT-2's byte-pair encoding"}
+TOKENIZERS = {'char': 'characters of the text', 'gpt2': "GPT-2's byte-pair encoding",
+              'bpe': 'a byte-pair encoding trained on the training split (--vocab_size N)'}
 
 # %% ../nbs/11_corpus.ipynb #00453ba0
 def tokenizer_name(meta:dict) -> str:
-    "'char' or 'gpt2': the tokenizer a dataset's metadata describes"
-    return 'char' if meta['tokenizer'].get('kind') == 'char' else 'gpt2'
+    "'char', 'gpt2' or 'bpe' (trained): the tokenizer a dataset's metadata describes"
+    return {'char': 'char', 'bpe-trained': 'bpe'}.get(meta['tokenizer'].get('kind'), 'gpt2')
+
 
 # %% ../nbs/11_corpus.ipynb #af8e7a77
 def _is_url(source) -> bool: return str(source).startswith(('http://', 'https://'))
@@ -214,18 +218,22 @@ def _end_items(pieces, doc_chars:np.ndarray, val_size:float, eot:bool) -> Iterat
             doc, pos = doc + 1, 0
 
 # %% ../nbs/11_corpus.ipynb #6cbc7b54
+def _val_docs(n_docs:int, val_size:float) -> tuple:
+    "The documents for validation and for training: a fixed-seed permutation, cut at `val_size`"
+    order = np.random.default_rng(_SEED).permutation(n_docs)
+    n_val = min(max(1, round(n_docs * val_size)), n_docs - 1)
+    return order[:n_val], order[n_val:]
+
 def _shuffle_split(tokens_path:Path, ends_at:np.ndarray, val_size:float, folder:Path,
                    show:bool=False) -> dict:
     "Write `train.bin` and `val.bin` in `folder` from the documents of `tokens_path`, shuffled"
     offsets, n_docs = np.concatenate([[0], ends_at]), len(ends_at)
     if n_docs < 2: raise MunchkinError("the corpus has fewer than 2 documents; a split needs at "
                                        "least one for training and one for validation")
-    order = np.random.default_rng(_SEED).permutation(n_docs)
-    n_val = min(max(1, round(n_docs * val_size)), n_docs - 1)
     counts, lengths = {}, np.diff(offsets)
     fd = os.open(tokens_path, os.O_RDONLY)
     try:
-        for split, docs in (('val', order[:n_val]), ('train', order[n_val:])):
+        for split, docs in zip(('val', 'train'), _val_docs(n_docs, val_size)):
             with open(folder/f'{split}.bin', 'wb', buffering=1 << 22) as out:
                 for d in progress(docs, desc=f'writing {split}', leave=False, disable=not show):
                     out.write(os.pread(fd, int(lengths[d]) * 2, int(offsets[d]) * 2))
@@ -233,20 +241,59 @@ def _shuffle_split(tokens_path:Path, ends_at:np.ndarray, val_size:float, folder:
     finally: os.close(fd)
     return counts
 
+
+# %% ../nbs/11_corpus.ipynb #1341518b
+_SPECIAL = ['<|endoftext|>']   # a trained tokenizer's one special token: the end of a document
+
+def _train_texts(pieces, doc_chars:np.ndarray, val_size:float, rule:str) -> Iterator:
+    "The training split's text, piece by piece, the validation text left out"
+    if rule == 'end':
+        items = _end_items(pieces, doc_chars, val_size, False)
+        yield from (text for split, text, _ in items if split == 'train')
+        return
+    val, doc = set(_val_docs(len(doc_chars), val_size)[0].tolist()), 0
+    for piece, ends in pieces:
+        if doc not in val: yield piece
+        doc += ends
+
+def _train_tokenizer(files:list, doc_chars:np.ndarray, val_size:float, rule:str, vocab_size:int,
+                     folder:Path):
+    "A BPE trained by rustbpe on the training split of `files`, saved as `folder/tokenizer.json`"
+    t0, pieces = time.time(), (piece for p in files for piece in _pieces(p))
+    tok = train_fast(_train_texts(pieces, doc_chars, val_size, rule), vocab_size, special=_SPECIAL)
+    tok.save(folder/'tokenizer.json')
+    say(f"trained a BPE of {tok.vocab_size:,} tokens on the training split in {time.time() - t0:.1f} s")
+    return tok
+
+def _note_merges(tok, vocab_size:int):
+    "A note when the text allowed fewer merges than `vocab_size` asks for (said once the build is good)"
+    made, asked = tok.vocab_size - 256 - len(_SPECIAL), vocab_size - 256 - len(_SPECIAL)
+    if made < asked: say(f"note: the training text allows {made:,} merges, not the {asked:,} asked; "
+                         f"the vocabulary has {tok.vocab_size:,} tokens", file=sys.stderr)
+
+def _described(tok, folder:Path, vocab_size:int) -> dict:
+    "What `meta.json` keeps of `tok`: its description, or a trained one's file, hash and size asked"
+    if tok.kind != 'bpe-trained': return tok.to_dict()
+    sha = hashlib.sha256((folder/'tokenizer.json').read_bytes()).hexdigest()
+    return dict(kind=tok.kind, file='tokenizer.json', sha256=sha, vocab_size_asked=vocab_size)
+
+
 # %% ../nbs/11_corpus.ipynb #24c33df5
 _BAR_BYTES = 1 << 26  # progress bars for sources larger than this
 
 def _build(folder:Path, dataset:str, tokenizer:str, source, val_size:float, threads:int=0,
            origin=None, # the URL `source` was downloaded from
+           vocab_size:int=None, # tokens of a trained 'bpe' tokenizer
           ) -> dict:
     "Make `train.bin`, `val.bin` and `meta.json` in `folder` from `source` (None: the hub)"
     t0, files = time.time(), corpus_files(source) if source else None
     show = files is None or sum(p.stat().st_size for p in files) > _BAR_BYTES
     doc_chars, seen = _scan(files, tokenizer == 'char', source, show) if files else (None, None)
-    tok = CharTokenizer(sorted(seen)) if tokenizer == 'char' else BPETokenizer()
-    pieces = (piece for p in files for piece in _pieces(p)) if files else _hub_pieces()
     rule = split_rule(len(doc_chars), val_size) if files else 'documents'
-    total, eot = (int(doc_chars.sum()) if files else None), tokenizer == 'gpt2'
+    if tokenizer == 'bpe': tok = _train_tokenizer(files, doc_chars, val_size, rule, vocab_size, folder)
+    else: tok = CharTokenizer(sorted(seen)) if tokenizer == 'char' else BPETokenizer()
+    pieces = (piece for p in files for piece in _pieces(p)) if files else _hub_pieces()
+    total, eot = (int(doc_chars.sum()) if files else None), tokenizer != 'char'
     if rule == 'end':
         with open(folder/'train.bin', 'wb') as tr, open(folder/'val.bin', 'wb') as va:
             items = _end_items(pieces, doc_chars, val_size, eot)
@@ -259,16 +306,17 @@ def _build(folder:Path, dataset:str, tokenizer:str, source, val_size:float, thre
         counts = _shuffle_split(folder/'tokens.tmp', ends_at, val_size, folder, show)
         (folder/'tokens.tmp').unlink()
     where = origin or (str(Path(source).absolute()) if source else 'huggingface:openwebtext')
-    meta = dict(dataset=dataset, tokenizer=tok.to_dict(), vocab_size=tok.vocab_size, **counts,
+    meta = dict(dataset=dataset, tokenizer=_described(tok, folder, vocab_size), vocab_size=tok.vocab_size, **counts,
                 source=where, source_sha256=source_sha256(source) if files else None,
                 val_size=val_size, split=rule, documents=len(doc_chars) if files else len(ends_at))
     if rule == 'documents': meta['shuffle_seed'] = _SEED
     _check_split(meta, source, folder)
+    if tokenizer == 'bpe': _note_merges(tok, vocab_size)
     (folder/'meta.json').write_text(json.dumps(meta, indent=1))
     _sync(folder)
     n, secs = meta['train_tokens'] + meta['val_tokens'], time.time() - t0
     say(f"tokenized {n:,} tokens in {secs:.1f} s ({n / max(secs, 1e-9):,.0f} tokens/s)")
-    return meta
+    return {**meta, 'tokenizer': tok.to_dict()}   # as `load_meta` reads it: the whole tokenizer
 
 def _doc_items(pieces, eot:bool) -> Iterator:
     "`('all', text, ends)` items of whole documents, each followed by end-of-text if `eot`"
@@ -331,11 +379,11 @@ def _lock(dataset:str):
                     "wait for that prepare to finish, then run the command again")
 
 # %% ../nbs/11_corpus.ipynb #cae74627
-def _plan(dataset:str, source, tokenizer, val_size) -> dict:
-    "The tokenizer, val_size and source a prepare of `dataset` uses, checked"
+def _plan(dataset:str, source, tokenizer, val_size, vocab_size=None) -> dict:
+    "The tokenizer (and its vocab_size), val_size and source a prepare of `dataset` uses, checked"
     check_name(dataset, 'dataset name')
     if tokenizer is not None and tokenizer not in TOKENIZERS:
-        raise MunchkinError(f"unknown tokenizer {tokenizer!r}; use char or gpt2")
+        raise MunchkinError(f"unknown tokenizer {tokenizer!r}; use char, gpt2 or bpe")
     builtin = BUILTINS.get(dataset)
     if builtin and tokenizer not in (None, builtin['tokenizer']):
         fix = f"munchkin-nb-prepare my_{dataset} --source PATH --tokenizer {tokenizer}"
@@ -360,11 +408,27 @@ def _plan(dataset:str, source, tokenizer, val_size) -> dict:
             raise MunchkinError(f"source {str(source)!r} does not exist; "
                                 "pass --source an existing file or folder")
         source = Path(source).expanduser()
-    return dict(tokenizer=tokenizer or default, source=source, val_size=val_size)
+    tokenizer = tokenizer or default
+    vocab_size = _vocab_plan(tokenizer, vocab_size, old)
+    return dict(tokenizer=tokenizer, source=source, val_size=val_size, vocab_size=vocab_size)
+
+def _vocab_plan(tokenizer:str, vocab_size, old:dict):
+    "The vocabulary size a trained 'bpe' tokenizer is asked for (None for the others), checked"
+    if tokenizer != 'bpe':
+        if vocab_size is None: return None
+        what = "the text's own characters" if tokenizer == 'char' else "GPT-2's 50,257 tokens"
+        raise MunchkinError(f"--vocab_size is only for --tokenizer bpe; the {tokenizer} tokenizer's "
+                            f"vocabulary is {what}; drop --vocab_size, or add --tokenizer bpe")
+    vocab_size = vocab_size or (old.get('tokenizer') or {}).get('vocab_size_asked')
+    if vocab_size is None:
+        raise MunchkinError("--tokenizer bpe needs --vocab_size N, e.g. 1024 (256 bytes, the "
+                            "merges and 1 special token)")
+    check_vocab_size(vocab_size, _SPECIAL)
+    return vocab_size
 
 # %% ../nbs/11_corpus.ipynb #86ebe953
 def list_datasets() -> list:
-    "A dict for each dataset: name, tokenizer, vocab_size, token counts, source, problem (or None)"
+    "A dict for each dataset: name, tokenizer, vocab_size, bytes per token, counts, source, problem"
     base, rows = data_dir('x').parent, []
     folders = sorted(p for p in base.iterdir() if _has_data(p)) if base.is_dir() else []
     for d in folders:
@@ -373,9 +437,16 @@ def list_datasets() -> list:
             rows.append(dict(name=d.name, problem=str(e)))
             continue
         rows.append(dict(name=d.name, tokenizer=tokenizer_name(m), vocab_size=m['vocab_size'],
-                         train_tokens=m['train_tokens'], val_tokens=m['val_tokens'],
-                         source=m.get('source'), problem=None))
+                         bytes_per_token=_bytes_per_token(d, m), train_tokens=m['train_tokens'],
+                         val_tokens=m['val_tokens'], source=m.get('source'), problem=None))
     return rows
+
+def _bytes_per_token(folder:Path, meta:dict):
+    "Mean UTF-8 bytes a token of the validation split stands for (None if the tokenizer won't load)"
+    try: tb = token_bytes(tokenizer_from_dict(meta['tokenizer'])).numpy()
+    except MunchkinError: return None   # GPT-2's BPE, offline and not cached
+    val = np.memmap(folder/'val.bin', dtype=np.uint16, mode='r')
+    return float(np.bincount(val, minlength=len(tb))[:len(tb)] @ tb) / len(val)
 
 def _has_data(folder:Path) -> bool:
     "Whether `folder` is a dataset folder with something prepared in it (maybe damaged)"
@@ -386,13 +457,16 @@ def _table(rows:list) -> str:
     "The listing `munchkin-nb-prepare --list` prints"
     if not rows: return (f"no datasets are prepared in {shown(data_dir('x').parent)}; make one with "
                          "munchkin-nb-prepare NAME --source PATH --tokenizer char")
-    head = ('name', 'tokenizer', 'vocab', 'train tokens', 'val tokens', 'source')
-    lines = ["{:20} {:9} {:>6} {:>13} {:>11}  {}".format(*head)]
+    head = ('name', 'tokenizer', 'vocab', 'bytes/token', 'train tokens', 'val tokens', 'source')
+    lines = ["{:20} {:9} {:>6} {:>11} {:>13} {:>11}  {}".format(*head)]
     for r in rows:
         if r['problem']: lines.append(f"{r['name']:20} {r['problem']}")
-        else: lines.append(f"{r['name']:20} {r['tokenizer']:9} {r['vocab_size']:>6,} "
-                           f"{r['train_tokens']:>13,} {r['val_tokens']:>11,}  {shown(r['source'])}")
+        else:
+            bpt = '?' if r['bytes_per_token'] is None else f"{r['bytes_per_token']:.2f}"
+            lines.append(f"{r['name']:20} {r['tokenizer']:9} {r['vocab_size']:>6,} {bpt:>11} "
+                         f"{r['train_tokens']:>13,} {r['val_tokens']:>11,}  {shown(r['source'])}")
     return '\n'.join(lines)
+
 
 # %% ../nbs/11_corpus.ipynb #00297028
 def _unknown(dataset:str) -> MunchkinError:
@@ -407,11 +481,12 @@ def prepare(dataset:str, # a built-in name or one of your own
             source=None, # a file, a folder or a URL (None: the dataset's usual source)
             force:bool=False, # prepare again even when prepared
             val_size:float=None, # fraction held out for validation (None: the dataset's default)
-            tokenizer:str=None, # 'char' or 'gpt2' (None: the dataset's, else 'char')
+            tokenizer:str=None, # 'char', 'gpt2' or 'bpe' (None: the dataset's, else 'char')
+            vocab_size:int=None, # a 'bpe' tokenizer's tokens: 256 bytes + merges + 1 special
             threads:int=0, # threads for GPT-2 encoding (0: all cores)
            ) -> dict:
     "Make `dataset` (`train.bin`, `val.bin`, `meta.json` in its folder); return its metadata"
-    plan = _plan(dataset, source, tokenizer, val_size)
+    plan = _plan(dataset, source, tokenizer, val_size, vocab_size)
     if is_prepared(dataset) and not force:
         say(f"{dataset} is already prepared (--force prepares it again)")
         return load_meta(dataset)
@@ -425,7 +500,8 @@ def prepare(dataset:str, # a built-in name or one of your own
             if (dataset in BUILTINS and BUILTINS[dataset]['url']) or _is_url(src or ''):
                 url, src = src or BUILTINS[dataset]['url'], fetch_text(dataset, src, build)
                 origin = url if src.parent == build else None  # downloaded
-            meta = _build(build, dataset, plan['tokenizer'], src, plan['val_size'], threads, origin)
+            meta = _build(build, dataset, plan['tokenizer'], src, plan['val_size'], threads, origin,
+                          plan['vocab_size'])
             _carry(final, build)
             _swap(build, final)
         except OSError as e:
@@ -450,7 +526,7 @@ def _writable(base:Path) -> Path:
 
 def _carry(old:Path, new:Path):
     "Link the files a user keeps in dataset folder `old` (not its data) into `new`"
-    data = ('train.bin', 'val.bin', 'meta.json')
+    data = ('train.bin', 'val.bin', 'meta.json', 'tokenizer.json')
     keep = lambda p: p.is_file() and p.name not in data and not p.name.endswith('.tmp')
     for p in [p for p in old.iterdir() if keep(p)] if old.is_dir() else []:
         if (new/p.name).exists(): continue
@@ -486,7 +562,9 @@ def prepare_main(argv=None):
                    help=f"{', '.join(BUILTINS)}, or a name of your own (with --source)")
     p.add_argument('--source', help='a text file, a folder of .txt/.jsonl/.jsonl.gz files or a URL')
     p.add_argument('--tokenizer', choices=list(TOKENIZERS),
-                   help="char or gpt2 (default: the dataset's, else char)")
+                   help="char, gpt2, or bpe trained on the text (default: the dataset's, else char)")
+    p.add_argument('--vocab_size', type=int, help='tokens of a trained --tokenizer bpe: 256 bytes, '
+                                                  'the merges and 1 special (up to 65,536)')
     p.add_argument('--val_size', type=float, help='fraction held out for validation (default: 0.1; '
                                                   'openwebtext 0.005)')
     p.add_argument('--force', action='store_true', help='prepare again even when prepared')
@@ -496,7 +574,8 @@ def prepare_main(argv=None):
     if args.list: return say(_table(list_datasets()))
     if not args.dataset: p.error("give a dataset NAME (or --list)")
     if args.threads < 0: p.error(f"--threads {args.threads} must be 0 (all cores) or more")
-    prepare(args.dataset, args.source, args.force, args.val_size, args.tokenizer, args.threads)
+    prepare(args.dataset, args.source, args.force, args.val_size, args.tokenizer, args.vocab_size,
+            args.threads)
 
 def prepare_cli(argv=None):
     "Console script: make a dataset, or list the prepared ones"

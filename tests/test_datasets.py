@@ -56,10 +56,10 @@ def test_list_and_block_size(root, capsys):
     capsys.readouterr()
     prepare_cli(['--list'])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ['name', 'tokenizer', 'vocab', 'train', 'tokens', 'val', 'tokens', 'source']
+    assert lines[0].split() == ['name', 'tokenizer', 'vocab', 'bytes/token', 'train', 'tokens', 'val', 'tokens', 'source']
     assert lines[1].startswith("broken") and "dataset 'broken' is damaged" in lines[1]
-    assert lines[2].split()[:5] == ['poem', 'gpt2', '50,257', '216', '24']
-    assert lines[3].split()[:5] == ['shakespeare_char', 'char', '65', '1,003,854', '111,540']
+    assert lines[2].split()[:6] == ['poem', 'gpt2', '50,257', '3.33', '216', '24']
+    assert lines[3].split()[:6] == ['shakespeare_char', 'char', '65', '1.00', '1,003,854', '111,540']
     assert [r['name'] for r in list_datasets() if not r['problem']] == ['poem', 'shakespeare_char']
     # a dataset too small for the context: the split, its size and what to do
     with pytest.raises(MunchkinError, match=r"the val split of dataset 'poem' has 24 tokens, too few for "
@@ -86,7 +86,7 @@ BAD = [  # (arguments, what the one error line says)
     (['shakespeare', '--tokenizer', 'char', '--source', '{good}'],
      "dataset 'shakespeare' is built in with the gpt2 tokenizer; give char tokens a name of their own, "
      "e.g. munchkin-nb-prepare my_shakespeare --source PATH --tokenizer char"),
-    (['mine', '--source', '{good}', '--tokenizer', 'bpe'], "invalid choice: 'bpe'"),
+    (['mine', '--source', '{good}', '--tokenizer', 'wordpiece'], "invalid choice: 'wordpiece'"),
     (['mine', '--source', '{empty}'], "has no text"),
     (['mine', '--source', '{no_text_files}'], "has no .txt, .jsonl or .jsonl.gz files"),
     (['mine', '--source', '{many}'], "the text has 66,000 distinct characters, more than the 65,536 token ids"),
