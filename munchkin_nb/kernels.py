@@ -382,28 +382,29 @@ class DecodeLinear:
         elif how == 'bag': self.w = w.t().contiguous()
         else: self.w = w
 
-    def __call__(self, x, # (..., in) activations: one row when decoding one token
+    def __call__(self, x, # (B, in) activations: one row when decoding one token
                  act:str=None): # None, or the GELU after the product: 'none' (exact) or 'tanh'
-        lead, x = x.shape[:-1], x.reshape(-1, self.shape[1])     # any leading shape, as rows
+        if x.dim() != 2:                                       # any other shape, as rows
+            return self(x.reshape(-1, self.shape[1]), act).reshape(*x.shape[:-1], -1)
         if not _FAST: y = self.readable(x, bias=False)          # the book's code: a plain product
         elif self.how == 'onednn':                # packed weights, the bias and GELU fused in
             how, alg = ('none', '') if act is None else ('gelu', act)
-            y = torch.ops.mkldnn._linear_pointwise(x.to(self.w.dtype), self.w, self.kb, how, [], alg)
-            return y.to(x.dtype).reshape(*lead, -1)
+            xd = x if x.dtype == self.w.dtype else x.to(self.w.dtype)
+            y = torch.ops.mkldnn._linear_pointwise(xd, self.w, self.kb, how, [], alg)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         elif self.weights == 'int8' and self.packed:
             y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.w, self.scale).to(x.dtype)
         elif self.weights == 'int8': y = self.readable(x, bias=False)
         elif self.weights == 'bf16': y = (x.to(torch.bfloat16) @ self.w).to(x.dtype)
         elif self.how == 'bag' and x.size(0) == 1 and x.dtype == self.w.dtype:   # one row only
             idx, off = _bags(self.w.size(0), max(1, min(torch.get_num_threads(), 4)))   # a bag each
-            xs = x.reshape(-1).contiguous()
+            xs = x.view(-1) if x.is_contiguous() else x.reshape(-1).contiguous()
             y = F.embedding_bag(idx, self.w, off, mode='sum', per_sample_weights=xs)
             y = y.sum(0, keepdim=True)
         elif self.how == 'bag': y = x @ self.w.to(x.dtype)   # several rows: a matrix product
         else: y = F.linear(x, self.w)
         y = y if self.b is None else y + self.b
-        y = y if act is None else F.gelu(y, approximate=act)
-        return y.reshape(*lead, -1)
+        return y if act is None else F.gelu(y, approximate=act)
 
     def weight(self):
         "The (out, in) weight this layer multiplies by, in x's float type: the readable version's"
