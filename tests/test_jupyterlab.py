@@ -233,7 +233,7 @@ def test_train_live_plot_updates(browser, lab, shots):
     "03_train: the loss plot of the short training run redraws while it trains"
     url, work = lab
     page = _open(browser, url, '03_train')
-    cell = page.locator('.jp-CodeCell', has_text='LivePlot(every').first
+    cell = page.locator('.jp-CodeCell', has_text='callbacks=[LivePlot(every').first   # the run's cell
     frames = []
     def watch():
         img = cell.locator('.jp-OutputArea-output img')
