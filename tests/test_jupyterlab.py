@@ -217,7 +217,11 @@ def _check_plots(page, shots, name):
         img.screenshot(path=str(shots/f'{name}-plot{i}.png'))
     assert imgs.count() >= MIN_PLOTS.get(name, 0), f'{name} shows {imgs.count()} plot(s) in JupyterLab, expected {MIN_PLOTS[name]}'
 
-@pytest.mark.parametrize('name', [n for n in NOTEBOOKS if n not in ('03_train', '04_generate')])
+# the chapters and the index page, as a learner opens them; the appendix notebooks (numbered 10 and
+# up, for maintainers) are run in a fresh kernel and checked cell by cell by tests/test_outputs.py
+BROWSER = [n for n in NOTEBOOKS if not n[:2].isdigit() or int(n[:2]) < 10]
+
+@pytest.mark.parametrize('name', [n for n in BROWSER if n not in ('03_train', '04_generate')])
 def test_notebook_runs_clean(browser, lab, shots, name):
     url, work = lab
     page = _open(browser, url, name)
