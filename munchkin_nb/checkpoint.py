@@ -7,12 +7,13 @@ __all__ = ['rng_state', 'set_rng_state', 'checkpoint_path', 'last_path', 'resume
            'load_checkpoint', 'check_fit', 'model_from_checkpoint', 'tokenizer_from_checkpoint']
 
 # %% ../nbs/12_checkpoints.ipynb #2da3deb0
-import random, pickle
+import random, pickle, shlex
 from dataclasses import fields
 from pathlib import Path
 import numpy as np
 import torch
-from .config import MunchkinError, model_dir, config_names, atomic_write
+from .config import (MunchkinError, model_dir, config_names, atomic_write, shown,
+                                write_fault)
 from .data import tokenizer_from_dict, load_tokenizer
 from .tokenizer import bpe_from_dict
 from .gpt import GPT, GPTConfig
@@ -51,9 +52,19 @@ def resume_path(name) -> Path:
     return last_path(name) if last_path(name).is_file() else checkpoint_path(name)
 
 # %% ../nbs/12_checkpoints.ipynb #0abafb7b
+def _os_error(e:BaseException):
+    "The `OSError` behind `e` (torch wraps a failed write in a `RuntimeError`), or None"
+    while e is not None and not isinstance(e, OSError): e = e.__cause__ or e.__context__
+    return e
+
 def save_checkpoint(ckpt:dict, path):
-    "Write `ckpt` to `path` atomically"
-    with atomic_write(path) as tmp: torch.save(ckpt, tmp)
+    "Write `ckpt` to `path` atomically; a refused write is a `MachineFault`, the old file intact"
+    try:
+        with atomic_write(path) as tmp, open(tmp, 'wb') as f: torch.save(ckpt, f)
+    except (OSError, RuntimeError) as e:
+        err = _os_error(e)
+        if err is None: raise
+        raise write_fault(path, err, after='the file there before is intact') from None
 
 def _train_hint(name:str) -> str:
     "The command that makes run `name`'s checkpoint"
@@ -124,10 +135,19 @@ def check_structure(ckpt, path) -> dict:
     return ckpt
 
 # %% ../nbs/12_checkpoints.ipynb #002b3b80
+def _only_last(name:str, last:Path) -> MunchkinError:
+    "The error for a run with a latest state but no best-val checkpoint yet: sample from `last.pt`"
+    s = shown(last)
+    arg = f'"{s}"' if s.startswith('$') else shlex.quote(s)   # "$MUNCHKIN_ROOT/..." as typed
+    return MunchkinError(f"run {name!r} has no best-val checkpoint yet, only its latest state; sample "
+                         f"from that: munchkin-nb-generate {arg}, or train on with --init_from resume")
+
 def load_checkpoint(name, map_location='cpu', mmap:bool=True) -> dict:
     "Run `name`'s best checkpoint (or a `.pt` file), read with `weights_only=True` and checked"
     path = checkpoint_path(name)
     if not path.is_file():
+        last = last_path(str(name)) if path != Path(name) else None
+        if last is not None and last.is_file(): raise _only_last(str(name), last)
         hint = _train_hint(str(name))
         raise MunchkinError(f"no checkpoint for {str(name)!r} at {path}; train one first: {hint}")
     try: ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
