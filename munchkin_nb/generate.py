@@ -424,6 +424,9 @@ def _read_prompt(a) -> str:
         return path.read_text(encoding='utf-8')
     except (UnicodeDecodeError, IsADirectoryError):
         raise MunchkinError(f"prompt file {a.prompt_file!r} is not a UTF-8 text file") from None
+    except OSError as e:   # no permission to read it, a disk error: the machine's fault, exit 1
+        from munchkin_nb.config import write_fault
+        raise write_fault(path, e, 'read') from None
 
 # %% ../nbs/04_generate.ipynb #7b980e2c
 def _check_fit(a, s:Sampler, prompt:str) -> int:

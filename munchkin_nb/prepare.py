@@ -4,16 +4,17 @@
 
 # %% auto #0
 __all__ = ['SHAKESPEARE_URL', 'BUILTINS', 'TOKENIZERS', 'tokenizer_name', 'fetch_text', 'corpus_files', 'source_sha256',
-           'split_rule', 'remove_stale_builds', 'list_datasets', 'prepare', 'is_prepared', 'ensure_prepared',
-           'prepare_main', 'prepare_cli']
+           'split_rule', 'remove_stale_builds', 'tidy_dataset', 'list_datasets', 'prepare', 'is_prepared',
+           'ensure_prepared', 'prepare_main', 'prepare_cli']
 
 # %% ../nbs/11_corpus.ipynb #433732f2
-import os, re, sys, json, gzip, time, shutil, ctypes, hashlib, urllib.request
+import os, re, sys, json, gzip, time, shutil, ctypes, hashlib, contextlib, urllib.request
 from pathlib import Path
 from typing import Iterator
 import numpy as np
 from .config import (MunchkinError, Parser, run_cli, say, progress, data_dir,
-                                offline_file, atomic_write, check_name, run_lock, shown)
+                                offline_file, atomic_write, check_name, run_lock, shown,
+                                MachineFault)
 from .data import (CharTokenizer, BPETokenizer, load_meta, _forget, token_bytes,
                               tokenizer_from_dict)
 from .tokenizer import train_fast, check_vocab_size
@@ -373,10 +374,30 @@ def remove_stale_builds(base:Path):
         else: shutil.rmtree(p, ignore_errors=True)
 
 # %% ../nbs/11_corpus.ipynb #17d43c14
+@contextlib.contextmanager
 def _lock(dataset:str):
-    "An exclusive lock on preparing `dataset`, or an error naming the process that holds it"
-    return run_lock(data_dir(dataset).parent/'.locks'/dataset, 'dataset',
-                    "wait for that prepare to finish, then run the command again")
+    "An exclusive lock on preparing `dataset` (its file removed at the end), or an error naming the holder"
+    folder = data_dir(dataset).parent/'.locks'/dataset
+    for attempt in range(10):
+        with run_lock(folder, 'dataset', "wait for that prepare to finish, then run the command again"):
+            try: mine = (folder/'.lock').read_text().strip() == str(os.getpid())
+            except OSError: mine = False
+            if not mine: continue   # the file was removed under us: take the new one
+            try: yield folder
+            finally:
+                (folder/'.lock').unlink(missing_ok=True)   # while held: no one else has it
+                with contextlib.suppress(OSError): folder.rmdir()
+            return
+    raise MunchkinError(f"could not take the lock in {shown(folder)}; run the command again")
+
+def tidy_dataset(dataset:str):
+    "Remove what killed prepares of `dataset` left: build folders, and its lock file when free"
+    base = data_dir(dataset).parent
+    if base.is_dir(): remove_stale_builds(base)
+    if (base/'.locks'/dataset/'.lock').exists():
+        try:
+            with _lock(dataset): pass
+        except MunchkinError: pass   # a prepare holds it: it removes the file itself
 
 # %% ../nbs/11_corpus.ipynb #cae74627
 def _plan(dataset:str, source, tokenizer, val_size, vocab_size=None) -> dict:
@@ -505,7 +526,7 @@ def prepare(dataset:str, # a built-in name or one of your own
             _carry(final, build)
             _swap(build, final)
         except OSError as e:
-            raise MunchkinError(f"cannot write dataset {dataset!r} in {shown(base)} ({e.strerror or e}); "
+            raise MachineFault(f"cannot write dataset {dataset!r} in {shown(base)} ({e.strerror or e}); "
                                 "free some space or choose another MUNCHKIN_ROOT") from None
         finally: shutil.rmtree(build, ignore_errors=True)
         _forget(final)
@@ -542,6 +563,7 @@ def is_prepared(dataset:str) -> bool:
 def ensure_prepared(dataset:str, source=None) -> dict:
     "The dataset's metadata, preparing it first when it is missing"
     check_name(dataset, 'dataset name')
+    tidy_dataset(dataset)   # what a killed prepare left
     if not _has_data(data_dir(dataset)):
         if dataset not in BUILTINS and not source: raise _unknown(dataset)
         return prepare(dataset, source)

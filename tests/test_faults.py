@@ -436,3 +436,155 @@ def test_bad_arguments_every_script(root, trained, capsys):
     torch.set_num_threads(threads)
     assert not failures, '\n'.join(failures)
     assert sorted(str(p.relative_to(root)) for p in root.rglob('*')) == before, 'a failed command wrote files'
+
+# ---- faults that come from the machine: full disks, folders that refuse writes, long operations, leftovers ----
+
+def _one_line_fault(r, *contains):
+    "Exit code 1 (a fault of the machine, not bad input), no traceback, one `error:` line naming it"
+    assert r.returncode == 1, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
+    assert 'Traceback' not in r.stderr, r.stderr
+    lines = [l for l in r.stderr.replace('\r', '\n').splitlines() if l.strip()]
+    assert lines and lines[-1].startswith('error: ') and sum(l.startswith('error: ') for l in lines) == 1, r.stderr
+    for s in contains: assert s in lines[-1], lines[-1]
+
+def _without_override() -> list:
+    """The command prefix that takes away root's power to ignore file modes (CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH, dropped from the bounding set with setpriv): a read-only folder then refuses root too"""
+    if os.geteuid() != 0: return []
+    import shutil
+    if not shutil.which('setpriv'): pytest.skip('setpriv (util-linux) is needed to drop root capabilities')
+    return ['setpriv', '--inh-caps=-all', '--bounding-set=-dac_override,-dac_read_search', '--']
+
+@pytest.fixture
+def small_run(root, capsys):
+    "Run 'small' trained in this process for 20 iterations (an eval every 10): checkpoint.pt and last.pt"
+    threads = torch.get_num_threads()
+    r = _in_process('munchkin-nb-train', _train_args('small', 20, 10), capsys)
+    torch.set_num_threads(threads)
+    assert not r.returncode, r.stderr[-2000:]
+    return root/'models'/'small'
+
+def _checkpoints(mdir): return {f: (mdir/f).read_bytes() for f in ('checkpoint.pt', 'last.pt') if (mdir/f).exists()}
+
+def test_full_disk_at_a_checkpoint(small_run, capsys):
+    """A resumed run reaches a file-size limit (ulimit -f: the write fails with EFBIG, as with a full disk) at its
+    next checkpoint: one error line naming the file, the cause and the remedy, exit 1, the checkpoints byte for byte,
+    no temporary file, and metrics.jsonl's end record says why the run stopped"""
+    import resource
+    before = _checkpoints(small_run)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # EFBIG instead of a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before['last.pt']) // 2, limits[1]))
+    threads = torch.get_num_threads()
+    try: r = _in_process('munchkin-nb-train', _train_args('small', 40, 10, '--init_from', 'resume'), capsys)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+        torch.set_num_threads(threads)
+    _one_line_fault(r, "cannot write $MUNCHKIN_ROOT/models/small/", "file-size limit; raise the limit (ulimit -f",
+                    "(the file there before is intact)")
+    assert _checkpoints(small_run) == before
+    assert not [p.name for p in small_run.iterdir() if p.name.endswith('.tmp')]
+    end = [rec for rec in _metrics(small_run.parent.parent, 'small') if rec['kind'] == 'end'][-1]
+    assert 'file-size limit' in end['error'] and end['iter'] == 30, end
+
+def test_run_folder_that_refuses_writes(small_run, capsys):
+    """A run folder that cannot be written (read-only, as a user without the power to ignore modes) or whose
+    metrics.jsonl is a folder: refused at the start, before any training, exit 1, one line with the remedy,
+    nothing changed"""
+    root, before = small_run.parent.parent, _checkpoints(small_run)
+    small_run.chmod(0o555)
+    try:
+        cmd = [*_without_override(), str(BIN/'munchkin-nb-train'), *_train_args('small', 40, 10, '--init_from', 'resume')]
+        r = subprocess.run(cmd, env=_env(root), capture_output=True, text=True, timeout=120)
+    finally: small_run.chmod(0o755)
+    _one_line_fault(r, 'cannot write $MUNCHKIN_ROOT/models/small/last.pt: permission denied; make it writable: '
+                       'chmod u+w $MUNCHKIN_ROOT/models/small')
+    assert 'iter ' not in r.stdout and _checkpoints(small_run) == before
+    (small_run/'metrics.jsonl').rename(small_run/'kept.jsonl')
+    (small_run/'metrics.jsonl').mkdir()
+    r = _in_process('munchkin-nb-train', _train_args('small', 40, 10, '--init_from', 'resume'), capsys)
+    _one_line_fault(r, 'metrics.jsonl: it is a folder; move that folder away: mv ')
+    assert r.stdout == '' and _checkpoints(small_run) == before
+
+def test_damaged_last_pt_resumes_from_checkpoint_pt(small_run, capsys):
+    """last.pt cut in half beside a whole checkpoint.pt: --init_from resume continues from checkpoint.pt with a note
+    naming the damage; a run holding only last.pt: generate's hint is a command that works as typed"""
+    best = _load(small_run/'checkpoint.pt')['iter_num']
+    last = (small_run/'last.pt').read_bytes()
+    (small_run/'last.pt').write_bytes(last[:len(last) // 2])
+    threads = torch.get_num_threads()
+    r = _in_process('munchkin-nb-train', _train_args('small', 30, 10, '--init_from', 'resume'), capsys)
+    torch.set_num_threads(threads)
+    assert not r.returncode, r.stderr[-2000:]
+    assert (f'last.pt is not a readable checkpoint (RuntimeError: truncated or corrupt); resuming from '
+            f'$MUNCHKIN_ROOT/models/small/checkpoint.pt (iteration {best})') in r.stderr, r.stderr
+    assert _load(small_run/'last.pt')['iter_num'] == 30
+    (small_run/'checkpoint.pt').unlink()   # a run stopped before its first best-val save
+    r = _in_process('munchkin-nb-generate', ['small', '--max-tokens', '5'], capsys)
+    assert_one_line_error(r, 'no best-val checkpoint yet')
+    hint = r.stderr.split('sample from that: ')[1].split(', or ')[0]
+    prog, *args = [os.path.expandvars(a) for a in shlex.split(hint)]   # what a shell does with it
+    assert prog == 'munchkin-nb-generate'
+    r = _in_process(prog, [*args, '--max-tokens', '5', '--threads', '1'], capsys)
+    torch.set_num_threads(threads)
+    assert not r.returncode and len(r.stdout) > 0, r.stderr
+
+def test_unreadable_prompt_file(tmp_path):
+    "A --prompt-file that cannot be read (no permission): one error line naming it and the remedy, exit 1"
+    p = tmp_path/'prompt.txt'
+    p.write_text('ROMEO:')
+    p.chmod(0)
+    cmd = [*_without_override(), str(BIN/'munchkin-nb-generate'), 'any-run', '--prompt-file', str(p)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    _one_line_fault(r, f'cannot read {p}: permission denied; make it readable: chmod u+r {p}')
+
+def test_huge_block_size_is_refused_at_once(root, capsys):
+    "--block_size 100000 (with 64 rows a batch): refused before any allocation with the estimate and what to lower"
+    t0 = time.time()
+    r = _in_process('munchkin-nb-train', ['shakespeare-char-cpu', '--block_size', '100000', '--batch_size', '64',
+                                          '--device', 'cpu', '--name', 'huge'], capsys)
+    assert time.time() - t0 < 10
+    assert_one_line_error(r, 'would take about', 'of activations), but', 'lower block_size or batch_size')
+    assert not (root/'models'/'huge').exists()
+
+def test_second_signal_inside_a_long_operation(root):
+    """Two SIGTERMs while the process is inside one long torch call (a forward of 4 x 65,536 positions, over ten
+    seconds on one thread): it is gone within a few seconds of the second, exit 143, without saving"""
+    args = _train_args('long', 10, 5, '--n_layer', '1', '--n_head', '1', '--n_embd', '16', '--block_size', '65536',
+                       '--batch_size', '4', '--eval_iters', '1')
+    p = _start(root, *args)
+    _wait_for(p.stdout, 'Training', p)   # the next thing is the eval at iteration 0: one long forward
+    time.sleep(1.0)
+    p.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert time.time() - t0 < 3, time.time() - t0
+    assert p.returncode == 143 and 'SIGTERM again: quitting now' in err and 'Traceback' not in err, (p.returncode, err)
+    assert 'eval 0' not in out and not (root/'models'/'long'/'last.pt').exists()
+
+def test_killed_prepare_leaves_nothing(root, shakespeare_path):
+    """A prepare --force killed (SIGKILL) in the middle of its build leaves a build folder and a lock file; the
+    next command that touches the dataset removes both, and the dataset is the one before, byte for byte"""
+    ddir = root/'etc'/'dataset'
+    big = root/'big.txt'
+    big.write_text(shakespeare_path.read_text() * 30)   # about 33 MB: a build of a few seconds
+    before = {f: (ddir/'shakespeare_char'/f).read_bytes() for f in ('train.bin', 'val.bin', 'meta.json')}
+    p = subprocess.Popen([BIN/'munchkin-nb-prepare', 'shakespeare_char', '--source', big, '--force'], env=_env(root),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    build, t0 = ddir/f'.shakespeare_char.{p.pid}.tmp', time.time()
+    while not build.exists() and p.poll() is None and time.time() - t0 < 60: time.sleep(0.01)
+    time.sleep(0.2)
+    assert p.poll() is None, 'the prepare ended before it was killed'
+    p.send_signal(signal.SIGKILL); p.wait()
+    lock = ddir/'.locks'/'shakespeare_char'/'.lock'
+    assert build.exists() and lock.exists()
+    from munchkin_nb.prepare import ensure_prepared
+    ensure_prepared('shakespeare_char')   # what training and evaluation call first
+    assert not build.exists() and not lock.exists() and sorted(p.name for p in ddir.iterdir()) == ['.locks', 'shakespeare_char']
+    assert {f: (ddir/'shakespeare_char'/f).read_bytes() for f in before} == before
+    from munchkin_nb.prepare import prepare
+    prepare('shakespeare_char', source=shakespeare_path, force=True)   # a prepare that ends well leaves no lock either
+    assert not list((ddir/'.locks').iterdir())
