@@ -139,8 +139,9 @@ def _only_last(name:str, last:Path) -> MunchkinError:
     "The error for a run with a latest state but no best-val checkpoint yet: sample from `last.pt`"
     s = shown(last)
     arg = f'"{s}"' if s.startswith('$') else shlex.quote(s)   # "$MUNCHKIN_ROOT/..." as typed
-    return MunchkinError(f"run {name!r} has no best-val checkpoint yet, only its latest state; sample "
-                         f"from that: munchkin-nb-generate {arg}, or train on with --init_from resume")
+    return MunchkinError(f"run {name!r} has no best-val checkpoint yet, only its latest state; "
+                         f"sample from that: munchkin-nb-generate {arg}, or train on with "
+                         "--init_from resume")
 
 def load_checkpoint(name, map_location='cpu', mmap:bool=True) -> dict:
     "Run `name`'s best checkpoint (or a `.pt` file), read with `weights_only=True` and checked"

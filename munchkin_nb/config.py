@@ -157,12 +157,13 @@ _FAULTS = {errno.ENOSPC: ("the disk is full", "free some space on it"),
                          "set MUNCHKIN_ROOT to a folder on a writable disk"),
            errno.EISDIR: ("it is a folder", "move that folder away: mv {path} {path}.old"),
            errno.ENOENT: ("its folder does not exist", "create it: mkdir -p {folder}"),
-           errno.ENOTDIR: ("a part of its path is a file, not a folder", "remove or rename that file")}
+           errno.ENOTDIR: ("a part of its path is a file, not a folder",
+                           "remove or rename that file")}
 
 def write_fault(path, # the file that could not be written (or read)
                 e:OSError, # what the system said
                 doing:str='write', # 'write' or 'read'
-                after:str='') -> MachineFault: # what is still safe, e.g. 'the old checkpoint is intact'
+                after:str='') -> MachineFault: # what is still safe: 'the old checkpoint is intact'
     "The one-line `MachineFault` for an `OSError` met writing (or reading) `path`"
     p = shown(path)
     folder = shown(Path(path).parent)

@@ -376,10 +376,11 @@ def remove_stale_builds(base:Path):
 # %% ../nbs/11_corpus.ipynb #17d43c14
 @contextlib.contextmanager
 def _lock(dataset:str):
-    "An exclusive lock on preparing `dataset` (its file removed at the end), or an error naming the holder"
+    "An exclusive lock on preparing `dataset` (its file removed after), or an error naming its holder"
     folder = data_dir(dataset).parent/'.locks'/dataset
     for attempt in range(10):
-        with run_lock(folder, 'dataset', "wait for that prepare to finish, then run the command again"):
+        remedy = "wait for that prepare to finish, then run the command again"
+        with run_lock(folder, 'dataset', remedy):
             try: mine = (folder/'.lock').read_text().strip() == str(os.getpid())
             except OSError: mine = False
             if not mine: continue   # the file was removed under us: take the new one

@@ -116,7 +116,8 @@ def estimate_memory(s:Settings, # the run's settings: shape, batch_size, dropout
                     square:bool=None) -> dict: # attention matrices kept (None: as this run will)
     "Bytes that training `s` allocates, roughly: the state, the activations of a micro-batch, total"
     L, H, C, T = s.n_layer, s.n_head, s.n_embd, s.block_size
-    if square is None: square = not fast_paths() or (s.dropout > 0 and resolve_device(s.device) == 'cpu')
+    if square is None:
+        square = not fast_paths() or (s.dropout > 0 and resolve_device(s.device) == 'cpu')
     n = 12 * L * C * C + (vocab_size + T) * C
     per_token = L * (20 * C + (H * T if square else 0)) + 4 * vocab_size
     state, act = 16 * n, 4 * s.batch_size * T * per_token
@@ -385,7 +386,8 @@ class LossPNG(Callback):
             self.ax = self.fig.subplots()
         plot_losses(tr.history, self.ax, title=tr.settings.name)
         try:
-            with atomic_write(tr.out_dir/'loss.png') as tmp: self.fig.savefig(tmp, format='png', dpi=90)
+            with atomic_write(tr.out_dir/'loss.png') as tmp:
+                self.fig.savefig(tmp, format='png', dpi=90)
         except OSError as e: raise write_fault(tr.out_dir/'loss.png', e) from None
         self.drawn, self.last = tr.iter_num, time.time()
 
