@@ -471,10 +471,12 @@ def test_full_disk_at_a_checkpoint(small_run, capsys):
     next checkpoint: one error line naming the file, the cause and the remedy, exit 1, the checkpoints byte for byte,
     no temporary file, and metrics.jsonl's end record says why the run stopped"""
     import resource
-    before = _checkpoints(small_run)
+    before, png = _checkpoints(small_run), (small_run/'loss.png').read_bytes()
+    limit = 16 << 10   # metrics.jsonl stays below it; loss.png, redrawn at the end, does not: a second failure
+    assert (small_run/'metrics.jsonl').stat().st_size < limit // 2 and len(png) > limit
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # EFBIG instead of a kill
-    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before['last.pt']) // 2, limits[1]))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limits[1]))
     threads = torch.get_num_threads()
     try: r = _in_process('munchkin-nb-train', _train_args('small', 40, 10, '--init_from', 'resume'), capsys)
     finally:
@@ -483,7 +485,7 @@ def test_full_disk_at_a_checkpoint(small_run, capsys):
         torch.set_num_threads(threads)
     _one_line_fault(r, "cannot write $MUNCHKIN_ROOT/models/small/", "file-size limit; raise the limit (ulimit -f",
                     "(the file there before is intact)")
-    assert _checkpoints(small_run) == before
+    assert _checkpoints(small_run) == before and (small_run/'loss.png').read_bytes() == png
     assert not [p.name for p in small_run.iterdir() if p.name.endswith('.tmp')]
     end = [rec for rec in _metrics(small_run.parent.parent, 'small') if rec['kind'] == 'end'][-1]
     assert 'file-size limit' in end['error'] and end['iter'] == 30, end
@@ -501,11 +503,21 @@ def test_run_folder_that_refuses_writes(small_run, capsys):
     _one_line_fault(r, 'cannot write $MUNCHKIN_ROOT/models/small/last.pt: permission denied; make it writable: '
                        'chmod u+w $MUNCHKIN_ROOT/models/small')
     assert 'iter ' not in r.stdout and _checkpoints(small_run) == before
+    small_run.chmod(0o555)
+    hint = r.stderr.split('make it writable: ')[1].split(',')[0]
+    assert subprocess.run(hint, shell=True, env=_env(root)).returncode == 0   # the remedy, as typed
+    assert small_run.stat().st_mode & 0o777 == 0o755
     (small_run/'metrics.jsonl').rename(small_run/'kept.jsonl')
     (small_run/'metrics.jsonl').mkdir()
     r = _in_process('munchkin-nb-train', _train_args('small', 40, 10, '--init_from', 'resume'), capsys)
     _one_line_fault(r, 'metrics.jsonl: it is a folder; move that folder away: mv ')
     assert r.stdout == '' and _checkpoints(small_run) == before
+    hint = r.stderr.split('move that folder away: ')[1].strip()
+    assert subprocess.run(hint, shell=True, env=_env(root)).returncode == 0   # the remedy, as typed
+    threads = torch.get_num_threads()
+    r = _in_process('munchkin-nb-train', _train_args('small', 30, 10, '--init_from', 'resume'), capsys)
+    torch.set_num_threads(threads)
+    assert not r.returncode and (small_run/'metrics.jsonl.old').is_dir(), r.stderr[-2000:]
 
 def test_damaged_last_pt_resumes_from_checkpoint_pt(small_run, capsys):
     """last.pt cut in half beside a whole checkpoint.pt: --init_from resume continues from checkpoint.pt with a note
