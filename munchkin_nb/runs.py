@@ -123,14 +123,35 @@ def estimate_memory(s:Settings, # the run's settings: shape, batch_size, dropout
     state, act = 16 * n, 4 * s.batch_size * T * per_token
     return dict(state=state, activations=act, total=state + act)
 
+def _cgroup_room(base='/sys/fs/cgroup', proc='/proc/self/cgroup'):
+    "Bytes left under this process's cgroup memory limit (limit - use + reclaimable cache), or None"
+    try: lines = Path(proc).read_text().splitlines()
+    except OSError: return None
+    for line in lines:   # cgroup v2 ('0::/path') or v1's memory controller ('4:memory:/path')
+        _, ctrl, path = line.split(':', 2)
+        if ctrl == '': d, names = Path(base), ('memory.max', 'memory.current', 'inactive_file')
+        elif 'memory' in ctrl.split(','):
+            d, names = Path(base)/'memory', ('memory.limit_in_bytes', 'memory.usage_in_bytes',
+                                             'total_inactive_file')
+        else: continue
+        for folder in (d/path.lstrip('/'), d):   # the process's group; a container's own root
+            try:
+                limit = (folder/names[0]).read_text().strip()
+                if limit == 'max' or int(limit) >= 2**60: break   # no limit
+                stat = dict(l.split()[:2] for l in (folder/'memory.stat').read_text().splitlines())
+                used = int((folder/names[1]).read_text()) - int(stat.get(names[2], 0))
+                return int(limit) - used
+            except (OSError, ValueError): continue
+    return None
+
 def free_memory(device:str='cpu'):
-    "Bytes free for a new allocation on `device` (None when unknown)"
+    "Bytes free for a new allocation on `device`: the machine's, or a cgroup limit's (None: unknown)"
     if device.startswith('cuda'): return torch.cuda.mem_get_info(torch.device(device))[0]
     if device != 'cpu': return None
-    try: info = Path('/proc/meminfo').read_text()
-    except OSError: return None
-    m = re.search(r'^MemAvailable:\s+(\d+) kB', info, re.M)
-    return int(m[1]) * 1024 if m else None
+    try: m = re.search(r'^MemAvailable:\s+(\d+) kB', Path('/proc/meminfo').read_text(), re.M)
+    except OSError: m = None
+    free = [n for n in (int(m[1]) * 1024 if m else None, _cgroup_room()) if n is not None]
+    return min(free) if free else None
 
 # %% ../nbs/16_runs.ipynb #2a86fcb0
 def _gb(n:float) -> str: return f"{n / 1e9:,.1f} GB"
