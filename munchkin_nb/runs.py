@@ -68,7 +68,7 @@ def _device(self:Run):
 
 # %% ../nbs/16_runs.ipynb #55629648
 import errno, re
-from .config import MachineFault, write_fault
+from .config import write_fault
 
 @patch
 def _check_writable(self:Run):
@@ -493,6 +493,9 @@ def _signals(self:Run):
         with self._stop_signals(): yield
     except MunchkinError as e:
         self.error = str(e)
+        raise
+    except BrokenPipeError:   # the reader of the output went away: the console script exits quietly
+        self.error = 'the output was closed'
         raise
     except OSError as e:   # a write the machine refused, not named where it happened
         fault = write_fault(e.filename or self.out_dir, e)
