@@ -567,7 +567,7 @@ def add_settings_options(p:Parser, keys=None, # the settings the command uses; N
                          what:str='CONFIG') -> Parser: # what `--help` needs to show real values
     "Add `--<setting> VALUE` for `keys` of `Settings`, with its type, base default and meaning"
     about = (f"Each overrides the {what.lower()}'s value and MUNCHKIN_<SETTING>. Shown: the base "
-             f"defaults; {p.prog} {what} --help shows the values it would use, and where from.")
+             f"defaults; with a {what} before --help, the values it would use and where from.")
     g = p.add_argument_group('settings', about)
     docs, keys = setting_docs(), keys or list(_FIELDS)
     for f in fields(Settings):

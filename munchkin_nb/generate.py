@@ -259,9 +259,9 @@ class SamplerWidget:
 
 # %% ../nbs/04_generate.ipynb #4aafc088
 @patch
-def _ipython_display_(self:SamplerWidget):
-    from IPython.display import display
-    display(self.box)
+def _repr_mimebundle_(self:SamplerWidget, **kwargs):
+    "Shown as its box of widgets, through the notebook's own display (nothing printed elsewhere)"
+    return self.box._repr_mimebundle_(**kwargs)
 
 # %% ../nbs/04_generate.ipynb #6223759a
 @patch
