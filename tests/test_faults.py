@@ -393,7 +393,7 @@ BAD_ARGS = [
     ('munchkin-nb-train', ['shakespeare-char-cpu', '--block_size', '9999999'], 'too few for block_size=9999999'),
     ('munchkin-nb-train', ['shakespeare-char-cpu', '--name', 'victim'], "run 'victim' already has a checkpoint"),
     ('munchkin-nb-eval', ['shakespeare-char-cpu', '--name', 'never-trained'], 'no checkpoint for'),
-    ('munchkin-nb-eval', ['nope'], "unknown config 'nope'"),
+    ('munchkin-nb-eval', ['nope'], "no checkpoint for 'nope'"),
     ('munchkin-nb-eval', ['shakespeare-char-cpu', '--name', 'victim', '--dataset', 'nosuch'], "dataset 'nosuch'"),
     ('munchkin-nb-eval', ['shakespeare-char-cpu', '--name', 'victim', '--threads', '-2'], 'threads=-2'),
     ('munchkin-nb-generate', ['never-trained'], 'munchkin-nb-train'),
