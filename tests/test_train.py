@@ -135,7 +135,7 @@ def test_wandb_missing(root, capsys):
 
 def test_eval_reports_bits_per_byte(root, capsys):
     run(name='ev', max_iters=10)
-    r = eval_main([CONFIG, *argv(name='ev'), '--full'])
+    r = eval_main(['ev', '--eval_iters', '4', '--device', 'cpu', '--threads', '1', '--full'])   # the run's own batch size
     assert set(r) == {'train', 'val', 'train_bpb', 'val_bpb', 'val_full', 'val_full_bpb'}
     assert all(2.0 < r[k] < 4.5 for k in ('train', 'val', 'val_full'))
     for k in ('train', 'val', 'val_full'):   # characters of ASCII text: one byte a token
