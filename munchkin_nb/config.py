@@ -524,7 +524,7 @@ def _underscored(args:list) -> list:
 class Parser(argparse.ArgumentParser):
     "`argparse` with one-line errors, dashes or underscores, `--version` and one help width"
     def __init__(self, prog:str, description:str,
-                 before_help=None, # `f(parser, args)`, called before `--help` with what else was given
+                 before_help=None, # `f(parser, args)` before `--help`, with what else was given
                  **kwargs):
         self.before_help = before_help
         fmt = lambda prog: argparse.HelpFormatter(prog, width=HELP_WIDTH, max_help_position=34)

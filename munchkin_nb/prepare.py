@@ -73,7 +73,7 @@ def _no_text_files(folder:Path) -> MunchkinError:
                          f"--source {shlex.quote(str(found[0]))}")
 
 def corpus_files(source) -> list:
-    "The text files of `source` (a file, a folder searched recursively, or a glob), in a fixed order"
+    "The text files of `source` (a file, a folder searched recursively, a glob), in a fixed order"
     source, kinds = Path(source), ('.txt', '.jsonl', '.jsonl.gz')
     if not source.exists() and glob.has_magic(str(source)):   # a pattern: every file it matches
         files = sorted(Path(p) for p in glob.glob(str(source), recursive=True) if Path(p).is_file())
