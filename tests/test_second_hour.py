@@ -51,6 +51,9 @@ def test_the_second_hour(tmp_path, monkeypatch, shakespeare_path, capsys):
     code, out, err = run('munchkin-nb-eval', 'lic-run', '--help')
     flat = ' '.join(out.split())
     assert code == 0 and "('lic': run lic-run)" in flat and '(8: run lic-run)' in flat and '--learning_rate' not in out
+    code, out, err = run('munchkin-nb-generate', 'lic-run', '--help')   # generate's options are not the run's: it says so
+    flat = ' '.join(out.split())
+    assert code == 0 and 'from run lic-run: a 1x32 GPT, block 32' in flat and 'none comes from the run' in flat, out
     code, out, err = run('munchkin-nb-eval', 'shakespeare-char-cpu', '--name', 'lic-run')   # the old form: a note
     assert code == 0 and "note: munchkin-nb-eval takes the run's name: munchkin-nb-eval lic-run" in err
 
