@@ -67,10 +67,12 @@ def save_checkpoint(ckpt:dict, path):
         raise write_fault(path, err, after='the file there before is intact') from None
 
 def _train_hint(name:str) -> str:
-    "The command that makes run `name`'s checkpoint"
-    if Path(name).suffix == '.pt': return 'munchkin-nb-train CONFIG'
-    if name in config_names(): return f"munchkin-nb-train {name}"
-    return f"munchkin-nb-train CONFIG --name {name}"
+    "How to make run `name`'s checkpoint, ending with a command that runs as typed (no placeholder)"
+    configs = config_names()
+    if name in configs: return f"train one first: munchkin-nb-train {name}"
+    start = 'shakespeare-char-cpu' if 'shakespeare-char-cpu' in configs else configs[0]  # minutes
+    cmd = f"munchkin-nb-train {start}" + ('' if Path(name).suffix == '.pt' else f" --name {name}")
+    return f"train one first (configs: {', '.join(configs)}): {cmd}"
 
 # %% ../nbs/12_checkpoints.ipynb #248cebe3
 _SHAPE = ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size')
@@ -150,7 +152,7 @@ def load_checkpoint(name, map_location='cpu', mmap:bool=True) -> dict:
         last = last_path(str(name)) if path != Path(name) else None
         if last is not None and last.is_file(): raise _only_last(str(name), last)
         hint = _train_hint(str(name))
-        raise MunchkinError(f"no checkpoint for {str(name)!r} at {path}; train one first: {hint}")
+        raise MunchkinError(f"no checkpoint for {str(name)!r} at {path}; {hint}")
     try: ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         raise MunchkinError(f"{path} holds pickled objects other than tensors and plain values; "

@@ -6,12 +6,12 @@
 __all__ = ['HELP_WIDTH', 'MunchkinError', 'MachineFault', 'run_cli', 'say', 'repo_dir', 'root_dir', 'check_name', 'data_dir',
            'model_dir', 'offline_file', 'configs_dir', 'config_dirs', 'shown', 'make_dir', 'atomic_write',
            'remove_stale_tmp', 'write_fault', 'run_lock', 'Settings', 'setting_docs', 'validate', 'read_env',
-           'config_names', 'config_path', 'parse_overrides', 'load_settings', 'resolve_device', 'resolve_dtype',
-           'in_notebook', 'style', 'pprint_dict', 'progress', 'Parser', 'add_settings_options', 'settings_overrides',
-           'config_summary', 'configs_cli']
+           'config_names', 'config_path', 'parse_overrides', 'settings_from', 'load_settings', 'resolve_device',
+           'resolve_dtype', 'in_notebook', 'style', 'pprint_dict', 'progress', 'Parser', 'add_settings_options',
+           'show_settings', 'settings_overrides', 'config_row', 'config_table', 'configs_cli']
 
 # %% ../nbs/10_settings.ipynb #29864456
-import os, sys, re, ast, math, typing, argparse, difflib, contextlib, linecache
+import os, sys, re, ast, math, shutil, typing, textwrap, argparse, difflib, contextlib, linecache
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -237,8 +237,8 @@ class Settings:
     beta2:float=0.95 # AdamW beta2
     grad_clip:float=1.0 # clip the gradient norm to this; 0 disables clipping
     decay_lr:bool=True # cosine decay of the learning rate after the warmup
-    warmup_iters:int=2000 # iterations of linear warmup
-    lr_decay_iters:int=600000 # iteration where the decay reaches min_lr (about max_iters)
+    warmup_iters:int=2000 # iterations of linear warmup; kept below lr_decay_iters
+    lr_decay_iters:int=600000 # iteration where the decay reaches min_lr; unset: follows max_iters
     min_lr:float=6e-5 # learning rate at the end of the decay (about learning_rate / 10)
     backend:str='auto' # DDP backend: auto (nccl on cuda, gloo otherwise), nccl or gloo
     compile:bool=False # torch.compile the model
@@ -339,6 +339,9 @@ def validate(s:Settings, where:dict=None) -> Settings:
     if s.min_lr > s.learning_rate:
         bad(f"min_lr={s.min_lr} is above learning_rate={s.learning_rate}; make min_lr about a "
             "tenth of it", 'min_lr', 'learning_rate')
+    if s.decay_lr and s.warmup_iters >= s.lr_decay_iters:
+        bad(f"warmup_iters={s.warmup_iters} must be below lr_decay_iters={s.lr_decay_iters}",
+            'warmup_iters', 'lr_decay_iters')
     if not 0 <= s.seed <= _SEED_MAX:
         bad(f"seed={s.seed} must be from 0 to {_SEED_MAX} (numpy takes seeds below 2**32 and a run "
             "adds offsets)", 'seed')
@@ -435,12 +438,34 @@ def parse_overrides(argv:list) -> dict:
         i += 1
     return out
 
+# %% ../nbs/10_settings.ipynb #786114c5
+def _follow_max_iters(s:Settings, where:dict) -> dict:
+    "Unset `lr_decay_iters` follows `max_iters`; a warmup not given explicitly stays below it"
+    where = dict(where)
+    if 'lr_decay_iters' not in where:
+        s.lr_decay_iters = max(1, s.max_iters - 1)   # the last step's iteration: it runs at min_lr
+        where['lr_decay_iters'] = 'follows max_iters'
+    explicit = where.get('warmup_iters', '').startswith(('command line', 'environment'))
+    if s.decay_lr and s.warmup_iters >= s.lr_decay_iters and not explicit:
+        s.warmup_iters = s.lr_decay_iters // 10
+        where['warmup_iters'] = 'kept below lr_decay_iters'
+    return where
+
+def _source_label(where:str, path:Path=None) -> str:
+    "A value's place, short, for help and reports: 'config x.env:12', 'command line', ..."
+    if path and where.startswith(f"{shown(path)}:"):
+        return f"config {path.name}:{where.rsplit(':', 1)[1]}"
+    if where.startswith('command line'): return 'command line'
+    if where.startswith('environment variable '): return where.replace(' variable', '', 1)
+    if where.startswith("the config's file name"): return "the config's file name"
+    return where
+
 # %% ../nbs/10_settings.ipynb #e863605f
-def load_settings(config, overrides=None, environ=None) -> Settings:
-    "Settings of `config` (a name or `.env` path), then `MUNCHKIN_<KEY>` variables, then overrides"
-    path = config_path(config)
-    raw = read_env(path)
-    environ = os.environ if environ is None else environ
+def settings_from(raw:dict, # {setting: (value, where it comes from)}: a config file's, a run's
+                  overrides=None, environ=None,
+                  name:tuple=None) -> Settings: # (value, where) of the name when none is given
+    "Settings from `raw`, then `MUNCHKIN_<KEY>` variables, then overrides; `sources` says where"
+    raw, environ = dict(raw), os.environ if environ is None else environ
     for k in _FIELDS:
         var = f'MUNCHKIN_{k.upper()}'
         if var in environ: raw[k] = (environ[var], f'environment variable {var}')
@@ -448,10 +473,19 @@ def load_settings(config, overrides=None, environ=None) -> Settings:
     for k, v in (overrides or {}).items():
         k = _check_key(k, 'command line: ')
         raw[k] = (v, f'command line --{k}')
-    if not raw.get('name', ('',))[0].strip():  # no name, or an empty one: the config's
-        raw['name'] = (path.stem, f"the config's file name ({shown(path)})")
+    if name and not str(raw.get('name', ('',))[0]).strip(): raw['name'] = name  # none, or empty
     s = Settings(**{k: _convert(k, v, _FIELDS[k], where) for k, (v, where) in raw.items()})
-    return validate(s, {k: where for k, (v, where) in raw.items()})
+    where = _follow_max_iters(s, {k: where for k, (v, where) in raw.items()})
+    s.sources = {k: _source_label(w) for k, w in where.items()}   # for help and reports
+    return validate(s, where)
+
+def load_settings(config, overrides=None, environ=None) -> Settings:
+    "Settings of `config` (a name or `.env` path), then `MUNCHKIN_<KEY>` variables, then overrides"
+    path = config_path(config)
+    name = (path.stem, f"the config's file name ({shown(path)})")
+    s = settings_from(read_env(path), overrides, environ, name)
+    s.sources = {k: _source_label(w, path) for k, w in s.sources.items()}
+    return s
 
 # %% ../nbs/10_settings.ipynb #4aaf9539
 def resolve_device(device:str='auto') -> str:
@@ -522,7 +556,10 @@ def _underscored(args:list) -> list:
 
 class Parser(argparse.ArgumentParser):
     "`argparse` with one-line errors, dashes or underscores, `--version` and one help width"
-    def __init__(self, prog:str, description:str, **kwargs):
+    def __init__(self, prog:str, description:str,
+                 before_help=None, # `f(parser, args)` before `--help`, with what else was given
+                 **kwargs):
+        self.before_help = before_help
         fmt = lambda prog: argparse.HelpFormatter(prog, width=HELP_WIDTH, max_help_position=34)
         kwargs.setdefault('epilog', 'Options take dashes or underscores: --max-iters = --max_iters')
         super().__init__(prog=prog, description=description, allow_abbrev=False,
@@ -536,6 +573,7 @@ class Parser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         "Parse `args` (default: the command line); an unknown option names the closest known one"
         args = sys.argv[1:] if args is None else [str(a) for a in args]
+        if self.before_help and {'-h', '--help'} & set(args): self._before_help(args)
         ns, rest = self.parse_known_args(_underscored(args), namespace)
         if rest and rest[0].startswith('-'):
             known = list(self._option_string_actions)
@@ -546,19 +584,40 @@ class Parser(argparse.ArgumentParser):
         if rest: self.error(f"unexpected argument {rest[0]!r}")
         return ns
 
+    def _before_help(self, args:list):
+        "`before_help` with the other arguments, when they parse (no CONFIG yet: nothing to do)"
+        rest = [a for a in args if a not in ('-h', '--help')]
+        try: ns = self.parse_known_args(_underscored(rest))[0]
+        except MunchkinError: return
+        self.before_help(self, ns)
+
 # %% ../nbs/10_settings.ipynb #316bd955
 def _type_name(typ) -> str:
     "The metavar of a setting's type: INT, FLOAT, BOOL or TEXT"
     return {int: 'INT', float: 'FLOAT', bool: 'BOOL'}.get(_base(typ), 'TEXT')
 
-def add_settings_options(p:Parser) -> Parser:
-    "Add `--<setting> VALUE` for every field of `Settings`, with its type, default and meaning"
-    g = p.add_argument_group('settings (override the config file and MUNCHKIN_<SETTING> variables)')
-    docs = setting_docs()
+def add_settings_options(p:Parser, keys=None, # the settings the command uses; None: all
+                         what:str='CONFIG') -> Parser: # what `--help` needs to show real values
+    "Add `--<setting> VALUE` for `keys` of `Settings`, with its type, base default and meaning"
+    about = (f"Each overrides the {what.lower()}'s value and MUNCHKIN_<SETTING>. Shown: the base "
+             f"defaults; with a {what} before --help, the values it would use and where from.")
+    g = p.add_argument_group('settings', about)
+    docs, keys = setting_docs(), keys or list(_FIELDS)
     for f in fields(Settings):
+        if f.name not in keys: continue
         g.add_argument(f'--{f.name}', default=None, metavar=_type_name(f.type),
-                       help=f"{docs[f.name]} (default {f.default!r})".replace('%', '%%'))
+                       help=f"{docs[f.name]} (base {f.default!r})".replace('%', '%%'))
     return p
+
+def show_settings(p:Parser, s:Settings, what:str):
+    "Make `p`'s help show the values of `s` and where each comes from (`s.sources`; else 'base')"
+    docs, sources = setting_docs(), getattr(s, 'sources', {})
+    for g in p._action_groups:
+        if g.title == 'settings': g.description = f"The values {what} uses, and where each is from."
+    for a in p._actions:
+        if a.dest in _FIELDS:
+            value, src = getattr(s, a.dest), sources.get(a.dest, 'base')
+            a.help = f"{docs[a.dest]} ({value!r}: {src})".replace('%', '%%')
 
 def settings_overrides(args) -> dict:
     "The settings given on the command line, from parsed `args`"
@@ -570,23 +629,39 @@ def _approx_params(s:Settings, vocab:int) -> int:
     "Parameters of a GPT of shape `s` (weights of the blocks and the tied embedding)"
     return 12 * s.n_layer * s.n_embd**2 + vocab * s.n_embd + s.block_size * s.n_embd
 
-def config_summary(name:str) -> str:
-    "One line: the config's name, dataset, model size and iterations, its description, where it is"
+def config_row(name:str) -> tuple:
+    "A config's cells: name, dataset, model size, iterations, its description; and where it is"
     path = config_path(name)
-    own = '' if path.parent.resolve() == configs_dir().resolve() else f"  [{shown(path)}]"
+    own = '' if path.parent.resolve() == configs_dir().resolve() else f"[{shown(path)}]"
     try:
         s = load_settings(name, environ={})
     except MunchkinError as e:
-        return f"{name:<22}does not load: {e}"
+        return (name, '-', '-', '-', f"does not load: {e}"), own
     vocab = s.vocab_size or (65 if s.dataset.endswith('char') else 50304)
     comments = [l.lstrip('# ').strip() for l in path.read_text().splitlines() if l.startswith('#')]
-    shape = f"{s.n_layer}x{s.n_embd} ({_approx_params(s, vocab) / 1e6:.1f}M params)"
-    return f"{name:<22}{s.dataset:<18}{shape}  {s.max_iters:>7} iters  {(comments or [''])[0]}{own}"
+    shape = f"{s.n_layer}x{s.n_embd} ({_approx_params(s, vocab) / 1e6:.1f}M)"
+    return (name, s.dataset, shape, f"{s.max_iters:,}", (comments or [''])[0]), own
+
+_HEADER = ('CONFIG', 'DATASET', 'MODEL (PARAMS)', 'ITERS', 'DESCRIPTION')
+
+def config_table(names:list=None, width:int=None) -> str:
+    "The configs as a table with a header, descriptions wrapped to fit `width` (the terminal's)"
+    width = width or shutil.get_terminal_size().columns
+    rows = [(_HEADER, '')] + [config_row(n) for n in (config_names() if names is None else names)]
+    widths = [max(len(cells[i]) for cells, _ in rows) for i in range(4)]
+    indent = sum(widths) + 8   # where the description column starts
+    lines = []
+    for (name, dataset, shape, iters, about), own in rows:
+        about = textwrap.wrap(f"{about}  {own}" if own else about, max(20, width - indent)) or ['']
+        cells = [name.ljust(widths[0]), dataset.ljust(widths[1]), shape.ljust(widths[2]),
+                 iters.rjust(widths[3]), about[0]]
+        lines += ['  '.join(cells).rstrip(), *(' ' * indent + more for more in about[1:])]
+    return '\n'.join(lines)
 
 def _list_configs(argv=None):
     Parser('munchkin-nb-configs', 'List the training configs: your own (./etc/training) first, '
-           'then the built-in ones').parse_args(argv)
-    for name in config_names(): say(config_summary(name))
+           'then the built-in ones, as wide as the terminal').parse_args(argv)
+    say(config_table())
 
 def configs_cli(argv=None):
     "Console script: list the training configs"

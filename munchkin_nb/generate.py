@@ -259,9 +259,9 @@ class SamplerWidget:
 
 # %% ../nbs/04_generate.ipynb #4aafc088
 @patch
-def _ipython_display_(self:SamplerWidget):
-    from IPython.display import display
-    display(self.box)
+def _repr_mimebundle_(self:SamplerWidget, **kwargs):
+    "Shown as its box of widgets, through the notebook's own display (nothing printed elsewhere)"
+    return self.box._repr_mimebundle_(**kwargs)
 
 # %% ../nbs/04_generate.ipynb #6223759a
 @patch
@@ -401,9 +401,19 @@ def _machine_options(p:Parser):
                    help='also print the setup, the model and the speed, on stderr')
 
 # %% ../nbs/04_generate.ipynb #c904a74a
+def _show_run(p:Parser, a):
+    "`munchkin-nb-generate RUN --help`: the run, from its checkpoint; the options are not the run's"
+    ck = load_checkpoint(a.run)
+    m, dataset = ck['model_args'], (ck.get('settings') or {}).get('dataset', '?')
+    p.description = (f"Sample text from run {a.run}: a {m['n_layer']}x{m['n_embd']} GPT, block "
+                     f"{m['block_size']}, vocabulary {m['vocab_size']}, dataset {dataset}, "
+                     f"{ck.get('iter_num', '?')} iterations (its checkpoint's). The options' values "
+                     "are their base defaults: none comes from the run.")
+
 def generate_parser() -> Parser:
     "The command line of `munchkin-nb-generate`"
-    p = Parser('munchkin-nb-generate', 'Sample text from a trained run, streaming it as it is made')
+    p = Parser('munchkin-nb-generate', 'Sample text from a trained run, streaming it as it is made',
+               before_help=_show_run)
     p.add_argument('run', metavar='RUN',
                    help='a run name under models/ (e.g. shakespeare-char-cpu) or a .pt file')
     p.add_argument('--prompt', default='', metavar='TEXT',

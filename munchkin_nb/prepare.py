@@ -8,7 +8,7 @@ __all__ = ['SHAKESPEARE_URL', 'BUILTINS', 'TOKENIZERS', 'tokenizer_name', 'fetch
            'ensure_prepared', 'prepare_main', 'prepare_cli']
 
 # %% ../nbs/11_corpus.ipynb #433732f2
-import os, re, sys, json, gzip, time, shutil, ctypes, hashlib, contextlib, urllib.request
+import os, re, sys, glob, json, gzip, time, shlex, shutil, ctypes, hashlib, contextlib, urllib.request
 from pathlib import Path
 from typing import Iterator
 import numpy as np
@@ -61,15 +61,30 @@ def fetch_text(dataset:str, # a built-in dataset, or any name when `source` is a
     return dest
 
 # %% ../nbs/11_corpus.ipynb #1927fe03
+def _no_text_files(folder:Path) -> MunchkinError:
+    "The error for a folder without text files: the files it has, and how to take them as text"
+    found = sorted(p for p in folder.rglob('*') if p.is_file() and not p.name.startswith('.'))
+    msg = f"source folder {str(folder)!r} has no .txt, .jsonl or .jsonl.gz files"
+    if not found: return MunchkinError(msg)
+    names = ', '.join(str(p.relative_to(folder)) for p in found[:3])
+    more = f" and {len(found) - 3} more" if len(found) > 3 else ''
+    pattern = folder/('**' if any(p.parent != folder for p in found) else '*')
+    return MunchkinError(f"{msg}, but {len(found)} others ({names}{more}); to read them as text, "
+                         f"take them all with --source {shlex.quote(str(pattern))} or one with "
+                         f"--source {shlex.quote(str(found[0]))}")
+
 def corpus_files(source) -> list:
-    "The text files of `source` (a file, or a folder searched recursively), in a fixed order"
+    "The text files of `source` (a file, a folder searched recursively, a glob), in a fixed order"
     source, kinds = Path(source), ('.txt', '.jsonl', '.jsonl.gz')
+    if not source.exists() and glob.has_magic(str(source)):   # a pattern: every file it matches
+        files = sorted(Path(p) for p in glob.glob(str(source), recursive=True) if Path(p).is_file())
+        if files: return files
+        raise MunchkinError(f"source {str(source)!r} matches no files")
     if not source.exists(): raise MunchkinError(f"source {str(source)!r} does not exist; "
                                                 "pass --source an existing file or folder")
     if not source.is_dir(): return [source]
     files = sorted(p for p in source.rglob('*') if p.is_file() and p.name.endswith(kinds))
-    if not files:
-        raise MunchkinError(f"source folder {str(source)!r} has no .txt, .jsonl or .jsonl.gz files")
+    if not files: raise _no_text_files(source)
     return files
 
 # %% ../nbs/11_corpus.ipynb #dc400163
@@ -419,17 +434,15 @@ def _plan(dataset:str, source, tokenizer, val_size, vocab_size=None) -> dict:
     if not builtin and not source:  # prepared again: from the source it was made from
         source = old.get('source')
         if not source: raise _unknown(dataset)
-        if not _is_url(source) and not Path(source).exists():
+        if not _is_url(source) and not Path(source).exists() and not glob.has_magic(source):
             raise MunchkinError(f"the source of dataset {dataset!r}, {source}, no longer exists; "
                                 f"run munchkin-nb-prepare {dataset} --source PATH --force")
     default = builtin['tokenizer'] if builtin else tokenizer_name(old) if old else 'char'
     if val_size is None: val_size = (builtin or old).get('val_size', 0.1)
     if not 0 < val_size < 1: raise MunchkinError(f"val_size={val_size} must be in (0, 1)")
     if source and not _is_url(source):
-        if not Path(source).expanduser().exists():
-            raise MunchkinError(f"source {str(source)!r} does not exist; "
-                                "pass --source an existing file or folder")
         source = Path(source).expanduser()
+        if not source.exists(): corpus_files(source)   # a glob that matches files, or the error
     tokenizer = tokenizer or default
     vocab_size = _vocab_plan(tokenizer, vocab_size, old)
     return dict(tokenizer=tokenizer, source=source, val_size=val_size, vocab_size=vocab_size)
@@ -583,7 +596,8 @@ def prepare_main(argv=None):
                                       'etc/dataset/NAME/) from a text, or list the prepared ones')
     p.add_argument('dataset', nargs='?', metavar='NAME',
                    help=f"{', '.join(BUILTINS)}, or a name of your own (with --source)")
-    p.add_argument('--source', help='a text file, a folder of .txt/.jsonl/.jsonl.gz files or a URL')
+    p.add_argument('--source', help="a text file, a folder of .txt/.jsonl/.jsonl.gz files, a glob "
+                   "('folder/*': every file, read as text) or a URL")
     p.add_argument('--tokenizer', choices=list(TOKENIZERS),
                    help="char, gpt2, or bpe trained on the text (default: the dataset's, else char)")
     p.add_argument('--vocab_size', type=int, help='tokens of a trained --tokenizer bpe: 256 bytes, '

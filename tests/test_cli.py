@@ -2,12 +2,14 @@
 underscores, every mistake (missing argument, unknown option, wrong type) is one `error:` line with exit
 code 2, help is HELP_WIDTH wide whatever the terminal, `--version` answers, and each script that computes
 takes `--threads`."""
-import configparser, importlib, os
+import configparser, importlib, os, re, shlex
+from dataclasses import fields
 from unittest import mock
-import pytest
+import pytest, torch
 from conftest import REPO, run_script, assert_one_line_error
 from munchkin_nb import __version__
-from munchkin_nb.config import Parser, MunchkinError, HELP_WIDTH
+from munchkin_nb.config import Parser, MunchkinError, HELP_WIDTH, Settings
+from munchkin_nb.runs import EVAL_SETTINGS, Run, train_main
 
 def _console_scripts() -> dict:
     "{script name: 'module:function'} from settings.ini"
@@ -111,3 +113,73 @@ def test_as_a_user_runs_them(script, tmp_path):
     if script in NOTHING_TO_DO:   # an optional positional, yet nothing given: the same one line
         assert_one_line_error(run_script(script, root=tmp_path), NOTHING_TO_DO[script], f'see {script} --help')
     assert not any(tmp_path.iterdir()), 'a mistake wrote files'
+
+OWN_SETTINGS = {'munchkin-nb-train': [f.name for f in fields(Settings)], 'munchkin-nb-eval': list(EVAL_SETTINGS)}
+
+@pytest.mark.parametrize('script', sorted(SCRIPTS))
+def test_help_lists_only_the_settings_it_uses(script):
+    "train takes every setting, eval the few it uses (no learning_rate), the others none of them"
+    p = parser_of(script)
+    groups = {g.title: sorted(a.dest for a in g._group_actions) for g in p._action_groups}
+    assert groups.get('settings', []) == sorted(OWN_SETTINGS.get(script, [])), script
+    if script == 'munchkin-nb-eval':
+        assert not {'--learning_rate', '--max_iters', '--n_layer', '--warmup_iters'} & set(p._option_string_actions)
+
+def test_config_help_shows_the_values_it_would_use(capsys):
+    "`munchkin-nb-train CONFIG [--key value] --help`: each setting's value and where it comes from"
+    with pytest.raises(SystemExit) as e: train_main(['shakespeare-char-cpu', '--max_iters', '300', '--help'])
+    out = ' '.join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and 'The values shakespeare-char-cpu uses, and where each is from.' in out
+    for shown in ('(300: command line)', '(299: follows max_iters)', '(100: config shakespeare-char-cpu.env:',
+                  "(4: config shakespeare-char-cpu.env:", '(False: base)'):
+        assert shown in out, shown
+    with pytest.raises(SystemExit): train_main(['--help'])   # no config: the base defaults, and how to see a config's
+    assert 'with a CONFIG before --help, the values it would use' in ' '.join(capsys.readouterr().out.split())
+
+def in_process(argv:list, capsys) -> tuple:
+    "Console script `argv[0]` run in this process on `argv[1:]`: (exit code, stdout, stderr)"
+    module, fn = SCRIPTS[argv[0]].split(':')
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    try: code = getattr(importlib.import_module(module), fn)([str(a) for a in argv[1:]]) and 0
+    except SystemExit as e: code = e.code
+    finally: torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    return code or 0, out.out, out.err
+
+def hinted(argv:list, error:str) -> list:
+    "The commands an error line hints at, as argument lists: a whole command ending the line, or other --source values"
+    whole = re.search(r'(munchkin-nb-[a-z]+ .*)$', error)
+    cmds = [shlex.split(whole[1])] if whole else []
+    if '--source' in argv:
+        at = argv.index('--source') + 1
+        cmds += [[*argv[:at], shlex.split(v)[0], *argv[at + 1:]] for v in re.findall(r"--source ('[^']*'|\S+)", error)]
+    return cmds
+
+HINTS = [  # (command, what its one error line says): the hints in each line are run as typed
+    (['munchkin-nb-generate', 'nosuchrun'], "no checkpoint for 'nosuchrun'"),
+    (['munchkin-nb-eval', 'nosuchrun'], "no checkpoint for 'nosuchrun'"),
+    (['munchkin-nb-eval', 'x.pt'], "no checkpoint for 'x.pt'"),
+    (['munchkin-nb-prepare', 'poems', '--source', '{poems}'], 'has no .txt, .jsonl or .jsonl.gz files, but 2 others'),
+]
+
+def test_every_hint_runs_as_typed(root, capsys):
+    """Each hint, run as typed, does not fail with the same error (a training it starts is stubbed: its settings,
+    dataset, run folder and model are all checked, then it stops)"""
+    poems = root/'poems'
+    poems.mkdir()
+    for name in ('sonnet1', 'sonnet2'): (poems/name).write_text('Shall I compare thee to a summer day? ' * 400)
+    ran = 0
+    with mock.patch.object(Run, 'run', lambda self: (self.close(), self)[1]):
+        for argv, message in HINTS:
+            argv = [a.format(poems=poems) for a in argv]
+            code, out, err = in_process(argv, capsys)
+            assert code == 2 and message in err and err.count('\n') == 1, (argv, err)
+            cmds = hinted(argv, err)
+            assert cmds and not any('CONFIG' in c or 'PATH' in c for cmd in cmds for c in cmd), err   # no placeholders
+            for cmd in cmds:
+                code, out, err2 = in_process(cmd, capsys)
+                assert code == 0, (cmd, err2)
+                ran += 1
+    assert ran == 5 and (root/'etc'/'dataset'/'poems'/'meta.json').is_file()
+    assert not (root/'models').exists() or not any((root/'models').iterdir())   # the stubbed runs left nothing

@@ -11,7 +11,9 @@ def meta_of(root, ds): return json.loads((root/'etc'/'dataset'/ds/'meta.json').r
 def test_configs_lists_all_four():
     r = run_script('munchkin-nb-configs')
     assert r.returncode == 0, r.stderr
-    names = [l.split()[0] for l in r.stdout.splitlines()]
+    header, *rows = r.stdout.splitlines()
+    assert header.split() == ['CONFIG', 'DATASET', 'MODEL', '(PARAMS)', 'ITERS', 'DESCRIPTION']
+    names = [l.split()[0] for l in rows if not l.startswith(' ')]
     assert names == ['openwebtext', 'shakespeare', 'shakespeare-char', 'shakespeare-char-cpu']
     assert 'shakespeare_char  4x128' in r.stdout
 

@@ -308,7 +308,7 @@ def _both(ckpt): return ckpt, ckpt.with_name('last.pt')   # generate and eval re
 def _every_reader(root):
     "Each console script that reads run 'victim''s checkpoint"
     return [('munchkin-nb-generate', 'victim', '--max-tokens', '5'),
-            ('munchkin-nb-eval', 'shakespeare-char-cpu', '--name', 'victim', *TINY),
+            ('munchkin-nb-eval', 'victim', '--eval_iters', '2', '--device', 'cpu', '--threads', '1'),
             ('munchkin-nb-train', *_train_args('victim', 40, 10, '--init_from', 'resume'))]
 
 def test_hostile_checkpoint_runs_no_code(root, trained):
@@ -393,7 +393,7 @@ BAD_ARGS = [
     ('munchkin-nb-train', ['shakespeare-char-cpu', '--block_size', '9999999'], 'too few for block_size=9999999'),
     ('munchkin-nb-train', ['shakespeare-char-cpu', '--name', 'victim'], "run 'victim' already has a checkpoint"),
     ('munchkin-nb-eval', ['shakespeare-char-cpu', '--name', 'never-trained'], 'no checkpoint for'),
-    ('munchkin-nb-eval', ['nope'], "unknown config 'nope'"),
+    ('munchkin-nb-eval', ['nope'], "no checkpoint for 'nope'"),
     ('munchkin-nb-eval', ['shakespeare-char-cpu', '--name', 'victim', '--dataset', 'nosuch'], "dataset 'nosuch'"),
     ('munchkin-nb-eval', ['shakespeare-char-cpu', '--name', 'victim', '--threads', '-2'], 'threads=-2'),
     ('munchkin-nb-generate', ['never-trained'], 'munchkin-nb-train'),

@@ -191,7 +191,7 @@ def test_weights_and_threads(gen, char_model):
 def test_bad_inputs_are_one_line_and_exit_2(gen, root):
     "As the console script runs them: exit code 2, one line, no traceback"
     assert_one_line_error(gen('tiny', '--prompt', 'Ça va? ¿'), "characters not in the vocabulary: '¿Ç'")
-    assert_one_line_error(gen('nothing-here'), 'no checkpoint', 'train CONFIG --name nothing-here')
+    assert_one_line_error(gen('nothing-here'), 'no checkpoint', 'munchkin-nb-train shakespeare-char-cpu --name nothing-here')
 
 @pytest.mark.parametrize('args,msg', [
     (['--max-tokens', '0'], 'max tokens must be a positive integer, got 0'),

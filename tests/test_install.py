@@ -9,6 +9,10 @@ from conftest import REPO
 SHIPPED = ('setup.py', 'settings.ini', 'README.md', 'LICENSE', 'munchkin_nb', 'etc/training')
 CONFIGS = ['openwebtext', 'shakespeare', 'shakespeare-char', 'shakespeare-char-cpu']
 
+def _names(table:str) -> list:
+    "The config names in munchkin-nb-configs' table (after its header; wrapped lines start with spaces)"
+    return [l.split()[0] for l in table.splitlines()[1:] if l.strip() and not l.startswith(' ')]
+
 @pytest.fixture(scope='module')
 def installed(tmp_path_factory):
     "A venv with this checkout's package built and installed as a wheel; returns (bin folder, site-packages)"
@@ -49,13 +53,13 @@ def test_installed_package_works_from_an_empty_folder(installed, tmp_path, shake
     assert Path(module).is_relative_to(site) and Path(root) == work, r.stdout  # the installed copy; the data root is here
     assert _run(bin_dir, work, env, 'munchkin-nb-configs', '--version').stdout.strip() == 'munchkin-nb-configs 0.1.0'
     listed = _run(bin_dir, work, env, 'munchkin-nb-configs').stdout
-    assert [l.split()[0] for l in listed.splitlines()] == CONFIGS, listed
+    assert _names(listed) == CONFIGS, listed
 
     (work/'etc'/'training').mkdir(parents=True)  # a config of the user's own is found and listed first
     (work/'etc'/'training'/'mine.env').write_text('# my own\nDATASET=shakespeare_char\nN_LAYER=2\nN_HEAD=4\nN_EMBD=64\n')
     listed = _run(bin_dir, work, env, 'munchkin-nb-configs').stdout
-    assert [l.split()[0] for l in listed.splitlines()] == ['mine'] + CONFIGS, listed
-    assert 'my own  [etc/training/mine.env]' in listed.splitlines()[0]
+    assert _names(listed) == ['mine'] + CONFIGS, listed
+    assert 'my own [etc/training/mine.env]' in ' '.join(listed.split()), listed
 
     _run(bin_dir, work, env, 'munchkin-nb-train', 'shakespeare-char-cpu', '--max_iters', 20, '--eval_interval', 10,
          '--eval_iters', 2)

@@ -135,7 +135,7 @@ def test_wandb_missing(root, capsys):
 
 def test_eval_reports_bits_per_byte(root, capsys):
     run(name='ev', max_iters=10)
-    r = eval_main([CONFIG, *argv(name='ev'), '--full'])
+    r = eval_main(['ev', '--eval_iters', '4', '--device', 'cpu', '--threads', '1', '--full'])   # the run's own batch size
     assert set(r) == {'train', 'val', 'train_bpb', 'val_bpb', 'val_full', 'val_full_bpb'}
     assert all(2.0 < r[k] < 4.5 for k in ('train', 'val', 'val_full'))
     for k in ('train', 'val', 'val_full'):   # characters of ASCII text: one byte a token
@@ -180,15 +180,18 @@ def test_log_file_reports_the_run(run_cli, root):
     out = r.stdout
     assert '\r' not in out and '\x1b' not in out and '\r' not in r.stderr and '\x1b' not in r.stderr
     lines = out.splitlines()
-    setting = lambda k: next(l.split(':', 1)[1].strip() for l in lines if l.startswith(k + ' '))
+    setting = lambda k: next(l.split(':', 1)[1].split()[0] for l in lines if l.startswith(k + ' '))   # then its place
     assert setting('val_size') == '0.1' and setting('vocab_size') == '65' and setting('device') == 'cpu'
     assert setting('dtype') == 'float32' and setting('threads') == '1'
     assert any(l.startswith('iter 5/30: loss ') and 'ETA ' in l and 'ms/iter' in l for l in lines), out
     assert any(l.startswith('eval 15/30: ') and 'bits/byte' in l for l in lines), out
-    assert lines[-6].startswith('Done: 30/30 iterations in ') and 'start-up' in lines[-6] and 'evals' in lines[-6]
-    assert lines[-5].startswith('Best val loss ') and 'at iteration 30' in lines[-5]
-    assert lines[-4].endswith('checkpoint.pt') and lines[-3].endswith('last.pt') and lines[-2].endswith('loss.png')
-    assert lines[-1] == 'Try it: munchkin-nb-generate rep'
+    assert 'max_iters                     : 30  (command line)' in lines, out
+    assert out.endswith('Try it: munchkin-nb-generate rep\n\n')   # a blank line: what follows (a sample) stands apart
+    lines = out.rstrip('\n').splitlines()
+    assert lines[-7].startswith('Done: 30/30 iterations in ') and 'start-up' in lines[-7] and 'evals' in lines[-7]
+    assert lines[-6].startswith('Best val loss ') and 'at iteration 30' in lines[-6]
+    assert lines[-5].endswith('checkpoint.pt') and lines[-4].endswith('last.pt') and lines[-3].endswith('loss.png')
+    assert lines[-2:] == ['Try it: munchkin-nb-eval rep', 'Try it: munchkin-nb-generate rep']
     recs = metrics(root, 'rep')
     run_id = recs[0]['run']
     assert recs[0]['kind'] == 'start' and all(r['run'] == run_id for r in recs) and recs[-1]['kind'] == 'end'
