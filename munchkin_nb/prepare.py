@@ -555,8 +555,8 @@ def _writable(base:Path) -> Path:
         base.mkdir(parents=True, exist_ok=True)
         (base/'.locks').mkdir(exist_ok=True)
     except OSError as e:
-        raise MunchkinError(f"cannot write to {base} ({e.strerror}); "
-                            "set MUNCHKIN_ROOT to a folder you can write") from None
+        raise MachineFault(f"cannot write to {base} ({e.strerror}); "
+                            "set MUNCHKIN_ROOT to a folder you can write") from None  # exit 1: the machine's
     return base
 
 def _carry(old:Path, new:Path):

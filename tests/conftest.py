@@ -66,3 +66,11 @@ def assert_one_line_error(r, *contains, midway=False):
     if not midway: assert len(lines) == 1, r.stderr
     assert lines and lines[-1].startswith('error: ') and sum(l.startswith('error: ') for l in lines) == 1, r.stderr
     for s in contains: assert s in lines[-1], lines[-1]
+
+def assert_one_line_fault(r, *contains):
+    "Exit code 1 (a fault of the machine, not bad input), no traceback, one `error:` line naming it"
+    assert r.returncode == 1, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
+    assert 'Traceback' not in r.stderr, r.stderr
+    lines = [l for l in r.stderr.replace('\r', '\n').splitlines() if l.strip()]
+    assert lines and lines[-1].startswith('error: ') and sum(l.startswith('error: ') for l in lines) == 1, r.stderr
+    for s in contains: assert s in lines[-1], lines[-1]

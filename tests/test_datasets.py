@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BIN, run_script, assert_one_line_error
+from conftest import BIN, run_script, assert_one_line_error, assert_one_line_fault
 
 from munchkin_nb.config import MunchkinError, data_dir
 from munchkin_nb.data import BatchSampler, load_meta, check_block_size, iter_split
@@ -114,7 +114,7 @@ def test_bad_input_is_one_line_and_writes_nothing(root, shakespeare_path, capsys
     # the console script itself gives the same line, and a folder that cannot be written is named
     (root/'a_file').write_text('')
     r = run_script('munchkin-nb-prepare', 'mine', '--source', src['good'], root=root/'a_file')
-    assert_one_line_error(r, f"cannot write to {root/'a_file'/'etc'/'dataset'} (Not a directory); set MUNCHKIN_ROOT")
+    assert_one_line_fault(r, f"cannot write to {root/'a_file'/'etc'/'dataset'} (Not a directory); set MUNCHKIN_ROOT")
 
 def _snapshot(name:str) -> dict: return {p.name: p.read_bytes() for p in data_dir(name).iterdir()}
 

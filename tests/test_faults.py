@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from functools import partial
-from conftest import bpe_available, BIN, run_script, assert_one_line_error
+from conftest import bpe_available, BIN, run_script, assert_one_line_error, assert_one_line_fault
 _one_line_error = partial(assert_one_line_error, midway=True)  # a run's progress output may come before its error
 
 needs_bpe = pytest.mark.skipif(not bpe_available(), reason="GPT-2's BPE is not available offline")
@@ -439,14 +439,6 @@ def test_bad_arguments_every_script(root, trained, capsys):
 
 # ---- faults that come from the machine: full disks, folders that refuse writes, long operations, leftovers ----
 
-def _one_line_fault(r, *contains):
-    "Exit code 1 (a fault of the machine, not bad input), no traceback, one `error:` line naming it"
-    assert r.returncode == 1, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
-    assert 'Traceback' not in r.stderr, r.stderr
-    lines = [l for l in r.stderr.replace('\r', '\n').splitlines() if l.strip()]
-    assert lines and lines[-1].startswith('error: ') and sum(l.startswith('error: ') for l in lines) == 1, r.stderr
-    for s in contains: assert s in lines[-1], lines[-1]
-
 def _without_override() -> list:
     """The command prefix that takes away root's power to ignore file modes (CAP_DAC_OVERRIDE and
     CAP_DAC_READ_SEARCH, dropped from the bounding set with setpriv): a read-only folder then refuses root too"""
@@ -483,7 +475,7 @@ def test_full_disk_at_a_checkpoint(small_run, capsys):
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, handler)
         torch.set_num_threads(threads)
-    _one_line_fault(r, "cannot write $MUNCHKIN_ROOT/models/small/", "file-size limit; raise the limit (ulimit -f",
+    assert_one_line_fault(r, "cannot write $MUNCHKIN_ROOT/models/small/", "file-size limit; raise the limit (ulimit -f",
                     "(the file there before is intact)")
     assert _checkpoints(small_run) == before and (small_run/'loss.png').read_bytes() == png
     assert not [p.name for p in small_run.iterdir() if p.name.endswith('.tmp')]
@@ -500,7 +492,7 @@ def test_run_folder_that_refuses_writes(small_run, capsys):
         cmd = [*_without_override(), str(BIN/'munchkin-nb-train'), *_train_args('small', 40, 10, '--init_from', 'resume')]
         r = subprocess.run(cmd, env=_env(root), capture_output=True, text=True, timeout=120)
     finally: small_run.chmod(0o755)
-    _one_line_fault(r, 'cannot write $MUNCHKIN_ROOT/models/small/last.pt: permission denied; make it writable: '
+    assert_one_line_fault(r, 'cannot write $MUNCHKIN_ROOT/models/small/last.pt: permission denied; make it writable: '
                        'chmod u+w $MUNCHKIN_ROOT/models/small')
     assert 'iter ' not in r.stdout and _checkpoints(small_run) == before
     small_run.chmod(0o555)
@@ -510,7 +502,7 @@ def test_run_folder_that_refuses_writes(small_run, capsys):
     (small_run/'metrics.jsonl').rename(small_run/'kept.jsonl')
     (small_run/'metrics.jsonl').mkdir()
     r = _in_process('munchkin-nb-train', _train_args('small', 40, 10, '--init_from', 'resume'), capsys)
-    _one_line_fault(r, 'metrics.jsonl: it is a folder; move that folder away: mv ')
+    assert_one_line_fault(r, 'metrics.jsonl: it is a folder; move that folder away: mv ')
     assert r.stdout == '' and _checkpoints(small_run) == before
     hint = r.stderr.split('move that folder away: ')[1].strip()
     assert subprocess.run(hint, shell=True, env=_env(root)).returncode == 0   # the remedy, as typed
@@ -549,7 +541,7 @@ def test_unreadable_prompt_file(tmp_path):
     p.chmod(0)
     cmd = [*_without_override(), str(BIN/'munchkin-nb-generate'), 'any-run', '--prompt-file', str(p)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    _one_line_fault(r, f'cannot read {p}: permission denied; make it readable: chmod u+r {p}')
+    assert_one_line_fault(r, f'cannot read {p}: permission denied; make it readable: chmod u+r {p}')
 
 def test_huge_block_size_is_refused_at_once(root, capsys):
     "--block_size 100000 (with 64 rows a batch): refused before any allocation with the estimate and what to lower"
