@@ -18,9 +18,8 @@ from .config import (MunchkinError, say, style, progress, in_notebook, Settings,
 from .data import tokenizer_from_dict, token_bytes, check_block_size, BatchSampler
 from .prepare import ensure_prepared
 from .gpt import GPTConfig, GPT
-from .checkpoint import (rng_state, set_rng_state, checkpoint_path, last_path,
-                                    resume_path, save_checkpoint, load_checkpoint,
-                                    model_from_checkpoint)
+from .checkpoint import (rng_state, set_rng_state, checkpoint_path, last_path, resume_path,
+                                    save_checkpoint, load_checkpoint, model_from_checkpoint)
 from .kernels import set_threads
 
 # %% ../nbs/03_train.ipynb #a34dd54d
