@@ -52,7 +52,7 @@ class Run(Trainer):
         self.resume_cmd = resume_cmd or "the same settings and init_from='resume'"
         self.lock, self.made_dir, self.hard_exit = None, False, False
         self.mfu, self.peak_flops = -1.0, None   # model FLOPs utilisation, and the peak it is of
-        self.dist = dist or Dist()
+        self.t_launch, self.dist = time.time(), dist or Dist()
         self.clock, self.t_loop, self.step_time = dict.fromkeys(PHASES, 0.0), None, 0.0
         try: super().__init__(settings, callbacks=callbacks, quiet=quiet)
         except BaseException:

@@ -65,7 +65,7 @@ class Trainer:
     dist = SimpleNamespace(ddp=False, rank=0, world_size=1, master=True)   # one process
     def __init__(self, settings:Settings, callbacks=None, quiet:bool=False):
         s = self.settings = settings
-        self.quiet, self.callbacks, self.t_launch = quiet, callbacks, time.time()
+        self.quiet, self.callbacks = quiet, callbacks
         self.out_dir, self.started = model_dir(s.name), False
         self.threads = set_threads(s.threads)   # before any work
         self.device, self.dtype = self._device()
