@@ -6,7 +6,8 @@
 __all__ = ['BENCH_SHAPES', 'COMPETITOR', 'QUICK', 'MAX_COMPETITORS', 'bench_shape', 'train_step_fn', 'bench_train',
            'nanogpt_sample', 'bench_sample', 'competitors', 'rate', 'bench_load', 'weight_read_limit', 'decode_rate',
            'bench_decode', 'with_weights', 'split_loss', 'weights_quality', 'format_quality', 'run_bench',
-           'format_bench', 'gpu_check', 'format_gpu_check', 'bench_parser', 'bench_cli']
+           'format_bench', 'bench_tokenizer', 'format_tokenizer', 'gpu_check', 'format_gpu_check', 'bench_parser',
+           'bench_cli']
 
 # %% ../nbs/15_bench.ipynb #46549977
 import os, sys, re, json, math, time, copy, shutil, tempfile, statistics, subprocess, contextlib
@@ -465,6 +466,59 @@ def format_bench(rep) -> str:
     if 'decode' in rep: lines += _format_decode(rep['decode'])
     return '\n'.join(lines)
 
+# %% ../nbs/15_bench.ipynb #c790af10
+def bench_tokenizer(text:str, # trained on its first 90% (the training split), all of it encoded
+                    vocab_size:int=4096, # tokens of the trained BPE, `<|endoftext|>` included
+                    repeats:int=3) -> dict: # timed encodings of each tokenizer; the best counts
+    "Train a BPE on `text` with rustbpe; encode `text` with it and with GPT-2's BPE, by tiktoken"
+    from munchkin_nb.tokenizer import train_fast
+    from munchkin_nb.data import BPETokenizer
+    train = text[:int(len(text) * 0.9)]
+    t0 = time.perf_counter()
+    tok = train_fast(train, vocab_size, special=['<|endoftext|>'])
+    train_s, nbytes, rows = time.perf_counter() - t0, len(text.encode('utf-8')), []
+    encs = (('trained BPE', tok.fast, train_s), ("GPT-2's BPE", BPETokenizer().enc, None))
+    for name, enc, secs in encs:
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            ids = enc.encode_ordinary(text)
+            best = min(best, time.perf_counter() - t0)
+        rows.append(dict(tokenizer=name, vocab=enc.n_vocab, train_s=secs, encode_s=best,
+                         encode_mb_per_s=nbytes / best / 1e6, bytes_per_token=nbytes / len(ids)))
+    return dict(kind='tokenizer', chars=len(text), bytes=nbytes, train_chars=len(train),
+                repeats=repeats, threads=1, rows=rows)
+
+def format_tokenizer(rep:dict) -> str:
+    "The tokenizer report as a table, and how the two encoding times compare"
+    lines = [f"{rep['chars']:,} characters of tiny Shakespeare ({rep['bytes']:,} bytes), the BPE "
+             f"trained on the first {rep['train_chars']:,}",
+             f"encoding by tiktoken, 1 thread, best of {rep['repeats']}:",
+             f"{'tokenizer':<14}{'vocab':>8}{'train s':>9}{'encode s':>10}{'encode MB/s':>13}"
+             f"{'bytes/token':>13}"]
+    for r in rep['rows']:
+        mb_s, bpt = r['encode_mb_per_s'], r['bytes_per_token']
+        lines.append(f"{r['tokenizer']:<14}{r['vocab']:>8,}{_fmt(r['train_s'], '.2f'):>9}"
+                     f"{r['encode_s']:10.3f}{mb_s:13.1f}{bpt:13.2f}")
+    mine, gpt2 = rep['rows'][0]['encode_s'], rep['rows'][1]['encode_s']
+    lines.append(f"the trained tokenizer encodes in {mine / gpt2:.2f}x GPT-2's time")
+    return '\n'.join(lines)
+
+def _tokenizer_main(a) -> tuple:
+    "`--tokenizer VOCAB`: tiny Shakespeare (`--source`, else found or downloaded), measured"
+    from munchkin_nb.prepare import fetch_text
+    from munchkin_nb.tokenizer import check_vocab_size
+    if a.tokenizer_chars < 0:
+        raise MunchkinError(f"--tokenizer_chars must be 0 (all) or more, got {a.tokenizer_chars}")
+    try: check_vocab_size(a.tokenizer, ['<|endoftext|>'])
+    except MunchkinError as e:
+        raise MunchkinError(str(e).replace('--vocab_size', '--tokenizer')) from None
+    path = fetch_text('shakespeare_char', a.source or None)
+    if not path.is_file(): raise MunchkinError(f"--source {a.source}: no such file")
+    text = path.read_text(encoding='utf-8')
+    rep = bench_tokenizer(text[:a.tokenizer_chars or None], a.tokenizer)
+    return rep, format_tokenizer(rep)
+
 # %% ../nbs/15_bench.ipynb #aa15fc2d
 QUICK = dict(max_iters=6, eval_interval=3, eval_iters=2, batch_size=4, block_size=32, n_layer=1,
              n_head=2, n_embd=32, lr_decay_iters=6, warmup_iters=2, log_interval=1)
@@ -713,10 +767,16 @@ def bench_parser() -> Parser:
     arg('--quality', "instead: bf16 and int8 quality of a run's checkpoint", metavar='RUN')
     arg('--quality_tokens', 'greedy tokens compared with fp32', type=int, default=200,
         metavar='N')
+    arg('--tokenizer', "instead: train a BPE of VOCAB tokens on tiny Shakespeare (rustbpe), and "
+        "encode it with that and with GPT-2's BPE (tiktoken)", type=int, nargs='?', const=4096,
+        metavar='VOCAB')
+    arg('--tokenizer_chars', "--tokenizer: the text's first N characters (0: all)", type=int,
+        default=0, metavar='N')
     arg('--gpu_check', 'instead: the GPU check (nbs/15_bench.ipynb)', action='store_true')
     arg('--nanogpt', 'GPU check: a nanoGPT checkout (or bare git repository) to run beside',
         metavar='FOLDER')
-    arg('--source', 'GPU check: tiny Shakespeare ($MUNCHKIN_OFFLINE/input.txt)', metavar='FILE')
+    arg('--source', 'GPU check and --tokenizer: tiny Shakespeare ($MUNCHKIN_OFFLINE/input.txt)',
+        metavar='FILE')
     arg('--quick', 'GPU check: tiny shapes, a dry run of every step', action='store_true')
     arg('--budget_s', 'GPU check: seconds it may take in all', type=float, default=540.0,
         metavar='S')
@@ -740,6 +800,7 @@ def bench_cli(argv=None):
             rep = gpu_check(a.device, a.nanogpt, a.quick, a.budget_s, a.workdir, a.source)
             text = format_gpu_check(rep)
         elif a.quality: rep, text = _quality_main(a)
+        elif a.tokenizer is not None: rep, text = _tokenizer_main(a)
         else:
             rep = run_bench(a.config, a.iters, a.sample_tokens, a.device, a.compile,
                             not a.no_same_window, a.threads, sample_repeats=a.sample_repeats,

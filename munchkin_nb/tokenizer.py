@@ -78,10 +78,12 @@ def encode_ordinary(self:BPE, text:str) -> list:
     return out
 
 @patch
-def encode(self:BPE, text:str) -> list:
-    "Token ids of `text`, each special token in it read as its one id"
-    if not self.special: return self.encode_ordinary(text)
-    alts = '|'.join(regex.escape(s) for s in sorted(self.special, key=len, reverse=True))
+def encode(self:BPE, text:str,
+           allowed_special=()) -> list: # special tokens read as their ids ('all': every one)
+    "Token ids of `text`; a special token in it is plain text unless `allowed_special` names it"
+    allowed = [s for s in self.special if allowed_special == 'all' or s in allowed_special]
+    if not allowed: return self.encode_ordinary(text)
+    alts = '|'.join(regex.escape(s) for s in sorted(allowed, key=len, reverse=True))
     parts = regex.split(f'({alts})', text)   # odd positions hold the special tokens
     return [i for k, p in enumerate(parts)
             for i in ([self.special[p]] if k % 2 else self.encode_ordinary(p))]

@@ -3,6 +3,7 @@ training split only), trained on, sampled from without the dataset folder; every
 nothing written and the old dataset kept whole."""
 import hashlib, json, shutil
 from pathlib import Path
+import numpy as np
 import pytest
 import torch
 from conftest import assert_one_line_error
@@ -11,6 +12,8 @@ from munchkin_nb.config import MunchkinError, data_dir
 from munchkin_nb.data import load_meta, load_tokenizer
 from munchkin_nb.prepare import prepare, prepare_cli
 from munchkin_nb.tokenizer import train_fast, load_bpe
+from munchkin_nb.runs import train_main
+from munchkin_nb.bench import bench_parser, bench_cli, _tokenizer_main
 
 def _poems(root:Path, shakespeare_path:Path, n:int=4, size:int=60_000) -> Path:
     "A folder of `n` .txt files, slices of tiny Shakespeare"
@@ -95,12 +98,18 @@ def test_bad_input_keeps_the_dataset_whole(root, shakespeare_path, capsys):
     assert {p.name: p.read_bytes() for p in ddir.iterdir()} == old
 
 def test_small_text_stops_at_the_merges_it_allows(root, run_cli):
-    (root/'small.txt').write_text('to be or not to be, that is the question\n' * 40)
+    (root/'small.txt').write_text('to be or not to be, <|endoftext|> that is the question\n' * 40)
     r = run_cli('munchkin-nb-prepare', 'small', '--source', root/'small.txt', '--tokenizer', 'bpe', '--vocab_size', 1024)
     assert r.returncode == 0, r.stderr
     meta = load_meta('small')
     made = meta['vocab_size'] - 257
     assert 0 < made < 767 and f"note: the training text allows {made:,} merges, not the 767 asked" in r.stderr
+    # the text's own "<|endoftext|>" is text: the special token only ends the one document
+    tok, ids = load_tokenizer('small'), np.fromfile(data_dir('small')/'train.bin', dtype=np.uint16).tolist()
+    assert ids.count(tok.eot_token) <= 1 and tok.decode(ids).count('<|endoftext|>') >= 30
+    assert tok.encode('a<|endoftext|>b') == tok.encode_ordinary('a<|endoftext|>b') != \
+           tok.encode('a<|endoftext|>b', allowed_special='all')
+    assert tok.encode('a<|endoftext|>b', allowed_special={'<|endoftext|>'}).count(tok.eot_token) == 1
 
 def test_damaged_tokenizer_is_named_with_its_rebuild_command(root, shakespeare_path, run_cli):
     prepare('poems', source=_poems(root, shakespeare_path, n=2, size=20_000), tokenizer='bpe', vocab_size=300)
@@ -121,3 +130,23 @@ def test_damaged_tokenizer_is_named_with_its_rebuild_command(root, shakespeare_p
     assert_one_line_error(r, 'is missing; rebuild it with munchkin-nb-prepare poems --force')
     prepare('poems', force=True)   # the command the error names rebuilds it
     assert (ddir/'tokenizer.json').read_text() == good and load_meta('poems')['vocab_size'] == 300
+    # GPT-2's weights need GPT-2's tokens: the error names this dataset's kind, and nothing is written
+    with pytest.raises(MunchkinError, match=r"needs a GPT-2 BPE dataset, but poems is a trained BPE \(bpe-trained\)"):
+        train_main(['shakespeare-char-cpu', '--dataset', 'poems', '--init_from', 'gpt2', '--name', 'g'])
+    assert not (root/'models'/'g').exists()
+
+def test_bench_tokenizer_prints_both_speeds(shakespeare_path, capsys):
+    "`munchkin-nb-bench --tokenizer VOCAB`: the trained BPE and GPT-2's, side by side, and its JSON rows"
+    from conftest import bpe_available
+    if not bpe_available(): pytest.skip("GPT-2's BPE is not available offline")
+    rep, text = _tokenizer_main(bench_parser().parse_args(
+        ['--tokenizer', '512', '--tokenizer_chars', '60000', '--source', str(shakespeare_path)]))
+    assert [(r['tokenizer'], r['vocab']) for r in rep['rows']] == [('trained BPE', 512), ("GPT-2's BPE", 50257)]
+    assert rep['chars'] == 60_000 and rep['train_chars'] == 54_000 and rep['rows'][1]['train_s'] is None
+    assert all(r['encode_mb_per_s'] > 0 and 2.0 < r['bytes_per_token'] < 5.0 for r in rep['rows']), rep
+    assert json.loads(json.dumps(rep)) == rep
+    head = text.splitlines()[2].split()
+    assert head == ['tokenizer', 'vocab', 'train', 's', 'encode', 's', 'encode', 'MB/s', 'bytes/token'], text
+    assert text.splitlines()[-1].startswith('the trained tokenizer encodes in ')
+    with pytest.raises(SystemExit) as e: bench_cli(['--tokenizer', '100', '--no_out'])
+    assert e.value.code == 2 and 'error: --tokenizer 100 is out of range' in capsys.readouterr().err
