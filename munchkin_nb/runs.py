@@ -109,13 +109,17 @@ def _check_run(self:Run):
     "Resuming needs a checkpoint; starting afresh must not replace one (unless `overwrite`)"
     s, have = self.settings, resume_path(self.settings.name)
     if not self.dist.master: return
+    again = self.resume_cmd.removesuffix(' --init_from resume')   # this command, not resuming
+    typed = again != self.resume_cmd   # a console script's command, which a hint can repeat
     if s.init_from == 'resume' and not have.is_file():
+        how = again if typed else "the same command without --init_from resume"
         raise MunchkinError(f"no checkpoint for {s.name!r} in {self.out_dir} to resume; "
-                            "train it first: the same command without --init_from resume")
+                            f"train it first: {how}")
     if s.init_from != 'resume' and have.is_file() and not s.overwrite:
+        go_on, anew = (f": {self.resume_cmd}", f": {again} --overwrite True") if typed else ('', '')
         raise MunchkinError(f"run {s.name!r} already has a checkpoint ({_describe_run(have)}) in "
-                            f"{self.out_dir}; continue it with --init_from resume, or start again "
-                            "with --overwrite True (which deletes it)")
+                            f"{self.out_dir}; continue it with --init_from resume{go_on}, or start "
+                            f"again with --overwrite True{anew} (which deletes it)")
 
 # %% ../nbs/16_runs.ipynb #abb24668
 def check_wandb(s:Settings):

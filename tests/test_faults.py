@@ -1,7 +1,7 @@
 """Faults a long-running user meets: signals, kills, closed pipes, two trainers at once, hostile or damaged files,
 bad arguments, diverging runs. Each drives the real console scripts as subprocesses (the table of bad arguments
 calls them in this process) and checks what is left on disk."""
-import importlib, json, os, shlex, signal, subprocess, sys, threading, time
+import importlib, json, os, re, shlex, signal, subprocess, sys, threading, time
 from types import SimpleNamespace
 from pathlib import Path
 import numpy as np
@@ -354,7 +354,12 @@ def test_scratch_over_a_run_is_refused(root, trained):
     best = _load(ckpt)['best_val_loss']
     r = run_script('munchkin-nb-train', *_train_args('victim', 20, 10), root=root)
     _one_line_error(r, f"run 'victim' already has a checkpoint (iteration 20, best val loss {best:.4f})",
-                    'continue it with --init_from resume', 'or start again with --overwrite True')
+                    'continue it with --init_from resume: munchkin-nb-train shakespeare-char-cpu ',
+                    'or start again with --overwrite True: munchkin-nb-train shakespeare-char-cpu ')
+    go_on, anew = re.search(r'resume: (.*), or start again with --overwrite True: (.*) \(which', r.stderr).groups()
+    opts = lambda cmd: sorted(zip(*[iter(shlex.split(cmd)[2:])] * 2))   # the commands repeat these settings
+    assert opts(go_on) == sorted(opts(shlex.join(['x', *_train_args('victim', 20, 10)])) + [('--init_from', 'resume')])
+    assert opts(anew) == sorted(opts(shlex.join(['x', *_train_args('victim', 20, 10)])) + [('--overwrite', 'True')])
     assert ckpt.read_bytes() == good and r.stdout == ''
     old = {rec['run'] for rec in _metrics(root, 'victim')}
     r = run_script('munchkin-nb-train', *_train_args('victim', 10, 10, '--overwrite', 'True', '--seed', '7'), root=root)
