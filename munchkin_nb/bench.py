@@ -18,7 +18,7 @@ from .data import iter_split
 from .gpt import GPT, GPTConfig
 from .kernels import (usable_cores, set_threads, threads_tick, thread_controller,
                                  fixed_threads, openmp_policy, matmul_peak, device_name, decode_store,
-                                 cpu_has_bf16, cpu_features, DecodeLinear,
+                                 cpu_has_bf16, cpu_features, decode_routes, DecodeLinear,
                                  WEIGHT_FORMATS)
 import torch
 import torch.nn.functional as F
@@ -276,18 +276,18 @@ def _bench_decode(cfg, weights, tokens, repeats, device, seed) -> dict:
 # %% ../nbs/15_bench.ipynb #06962015
 class _FormatLinear(torch.nn.Module):
     "An `nn.Linear` computing with a `DecodeLinear`'s weight format, for any leading shape"
-    def __init__(self, lin, weights:str):
+    def __init__(self, lin, weights:str, how:str='linear'):
         super().__init__()
-        self.lin = DecodeLinear(lin.weight, lin.bias, weights)
+        self.lin = DecodeLinear(lin.weight, lin.bias, weights, how)
     def forward(self, x): return self.lin(x.reshape(-1, x.size(-1))).view(*x.shape[:-1], -1)
 
-def with_weights(model:GPT, weights:str) -> GPT:
-    "A copy of `model` whose linear layers compute in `weights` ('fp32': the model itself)"
+def with_weights(model:GPT, weights:str, how:str='linear') -> GPT:
+    "A copy of `model` whose linear layers compute in `weights` through route `how` (fp32: itself)"
     if weights == 'fp32': return model
     m = copy.deepcopy(model)
     for mod in list(m.modules()):
         for name, child in list(mod.named_children()):
-            if isinstance(child, torch.nn.Linear): setattr(mod, name, _FormatLinear(child, weights))
+            if isinstance(child, torch.nn.Linear): setattr(mod, name, _FormatLinear(child, weights, how))
     return m
 
 @torch.inference_mode()
@@ -306,9 +306,19 @@ def _next_logits(model:GPT, seq, start:int) -> torch.Tensor:
     T = model.config.block_size
     return torch.cat([model(seq[:, max(0, i - T):i])[0][0, -1:] for i in range(start, seq.size(1))])
 
+@contextlib.contextmanager
+def _decode_route(how:str):
+    "Decode through route `how` within the block, as MUNCHKIN_DECODE_ROUTE=how does"
+    before = os.environ.get('MUNCHKIN_DECODE_ROUTE')
+    os.environ['MUNCHKIN_DECODE_ROUTE'] = how
+    try: yield
+    finally:
+        if before is None: del os.environ['MUNCHKIN_DECODE_ROUTE']
+        else: os.environ['MUNCHKIN_DECODE_ROUTE'] = before
+
 def weights_quality(model:GPT, dataset:str, weights=('bf16', 'int8'), tokens:int=200,
                     batch_size:int=32, device='cpu', prompt=None) -> dict:
-    "Whole-split val loss of each weight format, and its greedy tokens against fp32's"
+    "Whole-split val loss of each weight format and route, and its greedy tokens against fp32's"
     model = model.eval()
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device) if prompt is None else prompt
     n = prompt.size(1)
@@ -317,14 +327,17 @@ def weights_quality(model:GPT, dataset:str, weights=('bf16', 'int8'), tokens:int
     fp32 = _next_logits(model, seq, n)                  # on the same tokens, window by window
     top2, best = fp32.topk(2).values, fp32.argmax(-1)
     out = {'fp32': dict(val_loss=split_loss(model, dataset, 'val', batch_size, device), delta=0.0,
-                        same=1.0, argmax_same=1.0, first_divergence=None, margin=None)}
-    for w in weights:
-        loss = split_loss(with_weights(model, w), dataset, 'val', batch_size, device)
-        got = model.generate(prompt, tokens, temperature=0, weights=w)[0, n:]
-        forced = _next_logits(with_weights(model, w), seq, n).argmax(-1)   # on fp32's tokens
+                        same=1.0, argmax_same=1.0, first_divergence=None, margin=None, route='-')}
+    runs = [(w, how) for w in weights for how in decode_routes(w)]   # bf16: linear and onednn
+    for w, how in runs:
+        loss = split_loss(with_weights(model, w, how), dataset, 'val', batch_size, device)
+        with _decode_route(how): got = model.generate(prompt, tokens, temperature=0, weights=w)
+        got = got[0, n:]
+        forced = _next_logits(with_weights(model, w, how), seq, n).argmax(-1)   # fp32's tokens
         diff = (got != ref).nonzero()
         first = int(diff[0]) if len(diff) else None
-        out[w] = dict(val_loss=loss, delta=loss - out['fp32']['val_loss'],
+        key = w if how == 'linear' else f"{w}-{how}"      # 'bf16', 'bf16-onednn', 'int8'
+        out[key] = dict(val_loss=loss, delta=loss - out['fp32']['val_loss'], route=how,
                       same=(got == ref).float().mean().item(),
                       argmax_same=(forced == best).float().mean().item(), first_divergence=first,
                       margin=None if first is None else (top2[first, 0] - top2[first, 1]).item())
@@ -335,12 +348,12 @@ def format_quality(q:dict) -> str:
     lines = [f"quality on {q['dataset']}: val loss on the whole val split; {q['tokens']} greedy "
              "tokens against fp32's: the same running free, the same on fp32's tokens (forced), "
              "where they first part and fp32's top-2 logit gap there",
-             f"{'weights':<8}{'val loss':>10}{'delta':>9}{'same':>8}{'forced':>8}{'parts at':>10}"
+             f"{'weights':<12}{'route':>7}{'val loss':>10}{'delta':>9}{'same':>8}{'forced':>8}{'parts at':>10}"
              f"{'gap':>8}"]
     for w, r in q['formats'].items():
         first = '-' if r['first_divergence'] is None else str(r['first_divergence'])
         gap = '-' if r['margin'] is None else f"{r['margin']:.3f}"
-        lines.append(f"{w:<8}{r['val_loss']:10.4f}{r['delta']:+9.4f}{r['same']:8.1%}"
+        lines.append(f"{w:<12}{r.get('route', '?'):>7}{r['val_loss']:10.4f}{r['delta']:+9.4f}{r['same']:8.1%}"
                      f"{r['argmax_same']:8.1%}{first:>10}{gap:>8}")
     return '\n'.join(lines)
 

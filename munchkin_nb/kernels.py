@@ -524,14 +524,16 @@ def decode_step(model, # a `GPT`
     store = store or decode_store(model)
     lins, acts = store.lins, store.acts
     x = F.embedding(tok.view(B), tr.wte.weight) + tr.wpe.weight[pos]       # (B, C)
+    rows = x.dtype if store.weights == 'fp32' else torch.bfloat16         # what the kernels take
     for i, (block, cache) in enumerate(zip(tr.h, caches)):
         qkv, proj, fc, fc2 = lins[4 * i:4 * i + 4]
-        qkv = qkv(F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias))
+        qkv = qkv(F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias).to(rows))
         qkv = qkv.view(B, 3, nh, 1, C // nh)
         cache.kv[:, :, :, pos:pos + 1] = qkv[:, 1:]                 # append key and value: one copy
         cache.pos = pos + 1
         k, v = cache.k[:, :, :pos + 1], cache.v[:, :, :pos + 1]
-        y = F.scaled_dot_product_attention(qkv[:, 0], k, v)           # one query sees every key
-        x = x + proj(y.view(B, C))
-        x = x + fc2(fc(F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias), acts[4 * i + 2]))
-    return lins[-1](F.layer_norm(x, (C,), tr.ln_f.weight, tr.ln_f.bias))
+        y = F.scaled_dot_product_attention(qkv[:, 0].to(k.dtype), k, v)   # one query, every key
+        x = x + proj(y.view(B, C))                  # a bf16 product's output is added as it is
+        h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias).to(rows)
+        x = x + fc2(fc(h, acts[4 * i + 2]))           # bf16 from fc straight into fc2 (oneDNN)
+    return lins[-1](F.layer_norm(x, (C,), tr.ln_f.weight, tr.ln_f.bias).to(rows)).to(x.dtype)
