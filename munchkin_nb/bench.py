@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['BENCH_SHAPES', 'COMPETITOR', 'QUICK', 'MAX_COMPETITORS', 'bench_shape', 'train_step_fn', 'bench_train',
            'nanogpt_sample', 'bench_sample', 'competitors', 'rate', 'bench_load', 'weight_read_limit', 'decode_rate',
-           'bench_decode', 'with_weights', 'split_loss', 'weights_quality', 'format_quality', 'run_bench',
-           'format_bench', 'gpu_check', 'format_gpu_check', 'bench_parser', 'bench_cli']
+           'products_time', 'bench_decode', 'with_weights', 'split_loss', 'weights_quality', 'format_quality',
+           'run_bench', 'format_bench', 'gpu_check', 'format_gpu_check', 'bench_parser', 'bench_cli']
 
 # %% ../nbs/15_bench.ipynb #46549977
 import os, sys, re, json, math, time, copy, shutil, tempfile, statistics, subprocess, contextlib
@@ -238,6 +238,20 @@ def decode_rate(model:GPT, weights:str, tokens:int, device='cpu', seed=1337) -> 
     _sync(device)
     return n / (time.perf_counter() - t0)
 
+def products_time(store, # a `DecodeStore`: its matrices in one format and route
+                  reps:int=3, device='cpu') -> float:
+    "Seconds of a token's matrix products alone (one row through every `DecodeLinear`), best of `reps`"
+    xs = {n: torch.randn(1, n, device=device) for n in {lin.shape[1] for lin in store.lins}}
+    best = float('inf')
+    with torch.inference_mode():
+        for _ in range(reps):
+            _sync(device)
+            t0 = time.perf_counter()
+            for lin, act in zip(store.lins, store.acts): lin(xs[lin.shape[1]], act)
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
 def bench_decode(cfg:GPTConfig, weights=WEIGHT_FORMATS, tokens:int=64, repeats:int=3,
                  device='cpu', seed=1337, threads:int=None) -> dict:
     "Cached decoding tokens/s per weight format (random weights) against the weight-read limit"
@@ -255,12 +269,14 @@ def _bench_decode(cfg, weights, tokens, repeats, device, seed) -> dict:
         decode_rate(model, w, 4, device, seed)           # warm up
     own = decode_store(model, 'fp32', 'linear').lins       # the model's own fp32 matrices
     limit = weight_read_limit([lin.weight() for lin in own], device=device)
-    runs = {w: [] for w in weights}
+    runs, prods = {w: [] for w in weights}, {w: [] for w in weights}
     for r in range(repeats):                             # interleaved, reversed every other time
         for w in (weights if r % 2 == 0 else weights[::-1]):
             runs[w].append(decode_rate(model, w, tokens, device, seed))
+            prods[w].append(products_time(stores[w], device=device))   # the products alone
     bw = limit['bytes'] / limit['seconds']
     fp32 = max(runs['fp32']) if 'fp32' in runs else None
+    fp32_prods = min(prods['fp32']) if 'fp32' in prods else None
     shape = {k: getattr(cfg, k) for k in ('block_size', 'vocab_size', 'n_layer', 'n_embd')}
     out = dict(model=shape, tokens=tokens, repeats=repeats, threads=torch.get_num_threads(),
                cpu_has_bf16=cpu_has_bf16(), cpu_features=cpu_features(), limit=limit, weights={})
@@ -270,7 +286,8 @@ def _bench_decode(cfg, weights, tokens, repeats, device, seed) -> dict:
                                  bytes=nbytes, of_limit=best / limit['tokens_per_s'],
                                  roofline=bw / nbytes, of_roofline=best / (bw / nbytes),
                                  x_fp32=best / fp32 if fp32 else None, prepare_s=prep[w],
-                                 route=stores[w].how)
+                                 route=stores[w].how, products_s=min(prods[w]),
+                                 products_x_fp32=fp32_prods / min(prods[w]) if fp32 else None)
     return out
 
 # %% ../nbs/15_bench.ipynb #06962015
@@ -433,6 +450,12 @@ def _format_load(rep) -> list:
         lines.append(f"{r['config']:<22}{cells[0]}  |{cells[1]}")
     return lines
 
+def _products_cells(r) -> str:
+    "A format's products alone: ms a token and x fp32's (reports from before them: blank)"
+    if 'products_s' not in r: return ''
+    x = '' if r.get('products_x_fp32') is None else f"{r['products_x_fp32']:.2f}x"
+    return f"{r['products_s'] * 1e3:7.2f} ms{x:>8}"
+
 def _format_decode(d) -> list:
     m, lim = d['model'], d['limit']
     lines = ["", f"cached decoding at the {d['config']} shape ({m['n_layer']}x{m['n_embd']}, vocab "
@@ -443,11 +466,12 @@ def _format_decode(d) -> list:
              f"{lim['tokens_per_s']:.1f} tokens/s",
              f"instruction sets: {d.get('cpu_features', '?')}",
              f"{'weights':<8}{'route':>7}{'MB':>8}{'tok/s':>9}{'of limit':>10}{'x fp32':>8}"
-             f"{'roofline':>10}{'of roofline':>13}"]
+             f"{'roofline':>10}{'of roofline':>13}{'products':>10}{'x fp32':>8}"]
     for w, r in d['weights'].items():
         x = '' if r['x_fp32'] is None else f"{r['x_fp32']:.2f}x"
         lines.append(f"{w:<8}{r.get('route', '?'):>7}{r['bytes'] / 1e6:8.1f}{r['tokens_per_s']:9.1f}"
-                     f"{r['of_limit']:10.0%}{x:>8}{r['roofline']:10.1f}{r['of_roofline']:13.0%}")
+                     f"{r['of_limit']:10.0%}{x:>8}{r['roofline']:10.1f}{r['of_roofline']:13.0%}"
+                     + _products_cells(r))
     if 'bf16' in d['weights'] and d['cpu_has_bf16'] is not None:
         has = 'yes' if d['cpu_has_bf16'] else 'no'
         lines.append(f"bf16 instructions on this CPU (avx512_bf16, AMX): {has}; without them bf16 "
