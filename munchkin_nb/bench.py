@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['BENCH_SHAPES', 'COMPETITOR', 'QUICK', 'MAX_COMPETITORS', 'bench_shape', 'train_step_fn', 'bench_train',
            'nanogpt_sample', 'bench_sample', 'competitors', 'rate', 'bench_load', 'weight_read_limit', 'decode_rate',
-           'bench_decode', 'with_weights', 'split_loss', 'weights_quality', 'format_quality', 'run_bench',
-           'format_bench', 'bench_tokenizer', 'format_tokenizer', 'gpu_check', 'format_gpu_check', 'bench_parser',
-           'bench_cli']
+           'products_time', 'bench_decode', 'with_weights', 'split_loss', 'weights_quality', 'format_quality',
+           'run_bench', 'format_bench', 'bench_tokenizer', 'format_tokenizer', 'gpu_check', 'format_gpu_check',
+           'bench_parser', 'bench_cli']
 
 # %% ../nbs/15_bench.ipynb #46549977
 import os, sys, re, json, math, time, copy, shutil, tempfile, statistics, subprocess, contextlib
@@ -19,7 +19,7 @@ from .data import iter_split
 from .gpt import GPT, GPTConfig
 from .kernels import (usable_cores, set_threads, threads_tick, thread_controller,
                                  fixed_threads, openmp_policy, matmul_peak, device_name, decode_store,
-                                 cpu_has_bf16, cpu_features, DecodeLinear,
+                                 cpu_has_bf16, cpu_features, decode_routes, DecodeLinear,
                                  WEIGHT_FORMATS)
 import torch
 import torch.nn.functional as F
@@ -239,6 +239,20 @@ def decode_rate(model:GPT, weights:str, tokens:int, device='cpu', seed=1337) -> 
     _sync(device)
     return n / (time.perf_counter() - t0)
 
+def products_time(store, # a `DecodeStore`: its matrices in one format and route
+                  reps:int=3, device='cpu') -> float:
+    "Seconds of a token's matrix products alone (one row through every `DecodeLinear`), best of `reps`"
+    xs = {n: torch.randn(1, n, device=device) for n in {lin.shape[1] for lin in store.lins}}
+    best = float('inf')
+    with torch.inference_mode():
+        for _ in range(reps):
+            _sync(device)
+            t0 = time.perf_counter()
+            for lin, act in zip(store.lins, store.acts): lin(xs[lin.shape[1]], act)
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
 def bench_decode(cfg:GPTConfig, weights=WEIGHT_FORMATS, tokens:int=64, repeats:int=3,
                  device='cpu', seed=1337, threads:int=None) -> dict:
     "Cached decoding tokens/s per weight format (random weights) against the weight-read limit"
@@ -256,12 +270,14 @@ def _bench_decode(cfg, weights, tokens, repeats, device, seed) -> dict:
         decode_rate(model, w, 4, device, seed)           # warm up
     own = decode_store(model, 'fp32', 'linear').lins       # the model's own fp32 matrices
     limit = weight_read_limit([lin.weight() for lin in own], device=device)
-    runs = {w: [] for w in weights}
+    runs, prods = {w: [] for w in weights}, {w: [] for w in weights}
     for r in range(repeats):                             # interleaved, reversed every other time
         for w in (weights if r % 2 == 0 else weights[::-1]):
             runs[w].append(decode_rate(model, w, tokens, device, seed))
+            prods[w].append(products_time(stores[w], device=device))   # the products alone
     bw = limit['bytes'] / limit['seconds']
     fp32 = max(runs['fp32']) if 'fp32' in runs else None
+    fp32_prods = min(prods['fp32']) if 'fp32' in prods else None
     shape = {k: getattr(cfg, k) for k in ('block_size', 'vocab_size', 'n_layer', 'n_embd')}
     out = dict(model=shape, tokens=tokens, repeats=repeats, threads=torch.get_num_threads(),
                cpu_has_bf16=cpu_has_bf16(), cpu_features=cpu_features(), limit=limit, weights={})
@@ -271,24 +287,25 @@ def _bench_decode(cfg, weights, tokens, repeats, device, seed) -> dict:
                                  bytes=nbytes, of_limit=best / limit['tokens_per_s'],
                                  roofline=bw / nbytes, of_roofline=best / (bw / nbytes),
                                  x_fp32=best / fp32 if fp32 else None, prepare_s=prep[w],
-                                 route=stores[w].how)
+                                 route=stores[w].how, products_s=min(prods[w]),
+                                 products_x_fp32=fp32_prods / min(prods[w]) if fp32 else None)
     return out
 
 # %% ../nbs/15_bench.ipynb #06962015
 class _FormatLinear(torch.nn.Module):
     "An `nn.Linear` computing with a `DecodeLinear`'s weight format, for any leading shape"
-    def __init__(self, lin, weights:str):
+    def __init__(self, lin, weights:str, how:str='linear'):
         super().__init__()
-        self.lin = DecodeLinear(lin.weight, lin.bias, weights)
+        self.lin = DecodeLinear(lin.weight, lin.bias, weights, how)
     def forward(self, x): return self.lin(x.reshape(-1, x.size(-1))).view(*x.shape[:-1], -1)
 
-def with_weights(model:GPT, weights:str) -> GPT:
-    "A copy of `model` whose linear layers compute in `weights` ('fp32': the model itself)"
+def with_weights(model:GPT, weights:str, how:str='linear') -> GPT:
+    "A copy of `model` whose linear layers compute in `weights` through route `how` (fp32: itself)"
     if weights == 'fp32': return model
     m = copy.deepcopy(model)
     for mod in list(m.modules()):
         for name, child in list(mod.named_children()):
-            if isinstance(child, torch.nn.Linear): setattr(mod, name, _FormatLinear(child, weights))
+            if isinstance(child, torch.nn.Linear): setattr(mod, name, _FormatLinear(child, weights, how))
     return m
 
 @torch.inference_mode()
@@ -307,9 +324,19 @@ def _next_logits(model:GPT, seq, start:int) -> torch.Tensor:
     T = model.config.block_size
     return torch.cat([model(seq[:, max(0, i - T):i])[0][0, -1:] for i in range(start, seq.size(1))])
 
+@contextlib.contextmanager
+def _decode_route(how:str):
+    "Decode through route `how` within the block, as MUNCHKIN_DECODE_ROUTE=how does"
+    before = os.environ.get('MUNCHKIN_DECODE_ROUTE')
+    os.environ['MUNCHKIN_DECODE_ROUTE'] = how
+    try: yield
+    finally:
+        if before is None: del os.environ['MUNCHKIN_DECODE_ROUTE']
+        else: os.environ['MUNCHKIN_DECODE_ROUTE'] = before
+
 def weights_quality(model:GPT, dataset:str, weights=('bf16', 'int8'), tokens:int=200,
                     batch_size:int=32, device='cpu', prompt=None) -> dict:
-    "Whole-split val loss of each weight format, and its greedy tokens against fp32's"
+    "Whole-split val loss of each weight format and route, and its greedy tokens against fp32's"
     model = model.eval()
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device) if prompt is None else prompt
     n = prompt.size(1)
@@ -318,14 +345,17 @@ def weights_quality(model:GPT, dataset:str, weights=('bf16', 'int8'), tokens:int
     fp32 = _next_logits(model, seq, n)                  # on the same tokens, window by window
     top2, best = fp32.topk(2).values, fp32.argmax(-1)
     out = {'fp32': dict(val_loss=split_loss(model, dataset, 'val', batch_size, device), delta=0.0,
-                        same=1.0, argmax_same=1.0, first_divergence=None, margin=None)}
-    for w in weights:
-        loss = split_loss(with_weights(model, w), dataset, 'val', batch_size, device)
-        got = model.generate(prompt, tokens, temperature=0, weights=w)[0, n:]
-        forced = _next_logits(with_weights(model, w), seq, n).argmax(-1)   # on fp32's tokens
+                        same=1.0, argmax_same=1.0, first_divergence=None, margin=None, route='-')}
+    runs = [(w, how) for w in weights for how in decode_routes(w)]   # bf16: linear and onednn
+    for w, how in runs:
+        loss = split_loss(with_weights(model, w, how), dataset, 'val', batch_size, device)
+        with _decode_route(how): got = model.generate(prompt, tokens, temperature=0, weights=w)
+        got = got[0, n:]
+        forced = _next_logits(with_weights(model, w, how), seq, n).argmax(-1)   # fp32's tokens
         diff = (got != ref).nonzero()
         first = int(diff[0]) if len(diff) else None
-        out[w] = dict(val_loss=loss, delta=loss - out['fp32']['val_loss'],
+        key = w if how == 'linear' else f"{w}-{how}"      # 'bf16', 'bf16-onednn', 'int8'
+        out[key] = dict(val_loss=loss, delta=loss - out['fp32']['val_loss'], route=how,
                       same=(got == ref).float().mean().item(),
                       argmax_same=(forced == best).float().mean().item(), first_divergence=first,
                       margin=None if first is None else (top2[first, 0] - top2[first, 1]).item())
@@ -336,12 +366,12 @@ def format_quality(q:dict) -> str:
     lines = [f"quality on {q['dataset']}: val loss on the whole val split; {q['tokens']} greedy "
              "tokens against fp32's: the same running free, the same on fp32's tokens (forced), "
              "where they first part and fp32's top-2 logit gap there",
-             f"{'weights':<8}{'val loss':>10}{'delta':>9}{'same':>8}{'forced':>8}{'parts at':>10}"
+             f"{'weights':<12}{'route':>7}{'val loss':>10}{'delta':>9}{'same':>8}{'forced':>8}{'parts at':>10}"
              f"{'gap':>8}"]
     for w, r in q['formats'].items():
         first = '-' if r['first_divergence'] is None else str(r['first_divergence'])
         gap = '-' if r['margin'] is None else f"{r['margin']:.3f}"
-        lines.append(f"{w:<8}{r['val_loss']:10.4f}{r['delta']:+9.4f}{r['same']:8.1%}"
+        lines.append(f"{w:<12}{r.get('route', '?'):>7}{r['val_loss']:10.4f}{r['delta']:+9.4f}{r['same']:8.1%}"
                      f"{r['argmax_same']:8.1%}{first:>10}{gap:>8}")
     return '\n'.join(lines)
 
@@ -421,6 +451,12 @@ def _format_load(rep) -> list:
         lines.append(f"{r['config']:<22}{cells[0]}  |{cells[1]}")
     return lines
 
+def _products_cells(r) -> str:
+    "A format's products alone: ms a token and x fp32's (reports from before them: blank)"
+    if 'products_s' not in r: return ''
+    x = '' if r.get('products_x_fp32') is None else f"{r['products_x_fp32']:.2f}x"
+    return f"{r['products_s'] * 1e3:7.2f} ms{x:>8}"
+
 def _format_decode(d) -> list:
     m, lim = d['model'], d['limit']
     lines = ["", f"cached decoding at the {d['config']} shape ({m['n_layer']}x{m['n_embd']}, vocab "
@@ -431,11 +467,12 @@ def _format_decode(d) -> list:
              f"{lim['tokens_per_s']:.1f} tokens/s",
              f"instruction sets: {d.get('cpu_features', '?')}",
              f"{'weights':<8}{'route':>7}{'MB':>8}{'tok/s':>9}{'of limit':>10}{'x fp32':>8}"
-             f"{'roofline':>10}{'of roofline':>13}"]
+             f"{'roofline':>10}{'of roofline':>13}{'products':>10}{'x fp32':>8}"]
     for w, r in d['weights'].items():
         x = '' if r['x_fp32'] is None else f"{r['x_fp32']:.2f}x"
         lines.append(f"{w:<8}{r.get('route', '?'):>7}{r['bytes'] / 1e6:8.1f}{r['tokens_per_s']:9.1f}"
-                     f"{r['of_limit']:10.0%}{x:>8}{r['roofline']:10.1f}{r['of_roofline']:13.0%}")
+                     f"{r['of_limit']:10.0%}{x:>8}{r['roofline']:10.1f}{r['of_roofline']:13.0%}"
+                     + _products_cells(r))
     if 'bf16' in d['weights'] and d['cpu_has_bf16'] is not None:
         has = 'yes' if d['cpu_has_bf16'] else 'no'
         lines.append(f"bf16 instructions on this CPU (avx512_bf16, AMX): {has}; without them bf16 "
