@@ -194,13 +194,15 @@ class StreamDecoder:
 def sampling_memory(cfg, # the model's GPTConfig
                     num_samples:int, # rows sampled together
                     prompt_len:int=1, # tokens of the prompt, read in one forward
+                    max_new_tokens:int=1, # tokens added to each row
                     use_cache:bool=True) -> dict: # False: every step reads the whole window
-    "Bytes sampling allocates beside the weights, roughly: the KV caches, one forward of the window"
+    "Bytes sampling allocates beside the weights, roughly: KV caches, one forward, the token ids"
     L, H, C, T, V = cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size
     P = min(prompt_len, T) if use_cache else T
-    per_row = P * (12 * C + (H * P if not fast_paths() else 0) + 2) + 4 * V
+    per_row = P * (12 * C + (H * P if not fast_paths() else 0)) + 4 * V
     return {'KV caches': 8 * num_samples * L * C * T if use_cache else 0,
-            'a forward': 4 * num_samples * per_row}
+            'a forward': 4 * num_samples * per_row,
+            'token ids': 24 * num_samples * (prompt_len + max_new_tokens)}
 
 
 # %% ../nbs/04_generate.ipynb #d17a4c5e
@@ -217,9 +219,10 @@ def stream_rows(self:Sampler, prompt:str='', # text to continue ('': the start o
     top_k = check_sampling(max_new_tokens, temperature, top_k, top_p, self.vocab_size, seed,
                            num_samples)
     ids, cfg = self.context(prompt), self.model.config
-    check_memory(sampling_memory(cfg, num_samples, len(ids), use_cache), f"num_samples={num_samples} "
-                 f"(with block_size={cfg.block_size}, n_layer={cfg.n_layer} and n_embd={cfg.n_embd})",
-                 'sample', self.device, 'num_samples', num_samples)
+    mem = sampling_memory(cfg, num_samples, len(ids), max_new_tokens, use_cache)
+    check_memory(mem, f"num_samples={num_samples} (with block_size={cfg.block_size}, n_layer="
+                 f"{cfg.n_layer} and n_embd={cfg.n_embd})", 'sample', self.device, 'num_samples',
+                 num_samples, ', or max_new_tokens')
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=self.device)
     g = generator if generator is not None else self.new_generator(seed)
     for t in self.model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator=g,
@@ -486,21 +489,25 @@ def _print_setup(a, s:Sampler, top_k:int, threads:int):
     say(file=sys.stderr)
 
 # %% ../nbs/04_generate.ipynb #5ce2f9d5
+def _decoded(tok, ids:list) -> str:
+    "The text of token `ids`, as a `StreamDecoder` gives it"
+    dec = StreamDecoder(tok)
+    return ''.join(dec.push(i) for i in ids) + dec.flush()
+
 def print_samples(sampler:Sampler, prompt:str='', num_samples:int=1, file=None, **kwargs) -> list:
     "Sample `num_samples` texts in one batch; print the first as it is made, then the others"
-    file = file or sys.stdout
-    decs = [StreamDecoder(sampler.tok) for _ in range(num_samples)]
-    texts = [[prompt] for _ in range(num_samples)]
+    file, dec = file or sys.stdout, StreamDecoder(sampler.tok)
     rows = sampler.stream_rows(prompt, num_samples=num_samples, **kwargs)   # kwargs: its settings
-    rows = itertools.chain([next(rows)], rows)    # the first step is made before anything is printed
-    print(prompt, end='', file=file, flush=True)
+    steps = [next(rows)]   # the first step is made (and its memory checked) before any printing
+    print(prompt + dec.push(int(steps[0][0])), end='', file=file, flush=True)
     for t in rows:
-        for text, dec, i in zip(texts, decs, t.tolist()): text.append(dec.push(i))
-        print(texts[0][-1], end='', file=file, flush=True)
-    for text, dec in zip(texts, decs): text.append(dec.flush())
-    print(texts[0][-1], file=file, flush=True)
-    for text in texts[1:]: print('-' * 60, ''.join(text), sep='\n', file=file, flush=True)
-    return [''.join(t) for t in texts]
+        steps.append(t)    # the ids of every row, one tensor a step: 8 bytes a token
+        print(dec.push(int(t[0])), end='', file=file, flush=True)
+    print(dec.flush(), file=file, flush=True)
+    ids = torch.stack(steps, 1)
+    texts = [prompt + _decoded(sampler.tok, ids[r].tolist()) for r in range(num_samples)]
+    for text in texts[1:]: print('-' * 60, text, sep='\n', file=file, flush=True)
+    return texts
 
 def generate_main(argv:list=None, file=None):
     "`munchkin-nb-generate`'s body: parse `argv`, load the run, stream the samples to `file`"

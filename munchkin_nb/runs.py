@@ -235,7 +235,7 @@ def free_memory(device:str='cpu'):
     return min(free) if free else None
 
 # %% ../nbs/16_runs.ipynb #9e4d1c07
-def _gb(n:float) -> str: return f"{n / 1e9:,.1f} GB"
+def _gb(n:float) -> str: return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.0f} MB"
 
 def check_memory(parts:dict, # bytes by what holds them: {'weights': 4e6, 'activations': 3e12}
                  settings:str, # the numbers that set them: 'batch_size=64 and block_size=256'

@@ -554,8 +554,32 @@ def test_huge_block_size_is_refused_at_once(root, capsys):
     r = _in_process('munchkin-nb-train', ['shakespeare-char-cpu', '--block_size', '100000', '--batch_size', '64',
                                           '--device', 'cpu', '--name', 'huge'], capsys)
     assert time.time() - t0 < 10
-    assert_one_line_error(r, 'would take about', 'of activations), but', 'lower block_size or batch_size')
+    assert_one_line_fault(r, 'would take about', 'of activations), but', 'lower batch_size',
+                          'or block_size, n_layer or n_embd')
     assert not (root/'models'/'huge').exists()
+
+def test_every_script_refuses_what_memory_cannot_hold(small_run, capsys, monkeypatch):
+    """eval's --batch_size and generate's -n that need over 10 TB: refused at once with the estimate, the free memory
+    and what to lower, exit 1; with the free memory set low, the value the message names runs"""
+    huge = [('munchkin-nb-eval', ['small', '--batch_size', '1000000000'], 'batch_size=1000000000 and block_size=32'),
+            ('munchkin-nb-generate', ['small', '-n', '1000000000'], 'num_samples=1000000000 (with block_size=32')]
+    for script, args, says in huge:
+        t0 = time.time()
+        r = _in_process(script, [*args, '--threads', '1'], capsys)
+        assert time.time() - t0 < 5
+        assert_one_line_fault(r, says, 'would take about', 'is free on cpu; lower ')
+    import munchkin_nb.runs
+    monkeypatch.setattr(munchkin_nb.runs, 'free_memory', lambda device: 20e6)
+    threads = torch.get_num_threads()
+    for script, args, name in [('munchkin-nb-eval', ['small', '--eval_iters', '1'], 'batch_size'),
+                               ('munchkin-nb-generate', ['small', '--max-tokens', '2'], 'num_samples')]:
+        r = _in_process(script, [*args, f'--{name}', '100000', '--threads', '1'], capsys)
+        assert_one_line_fault(r, 'but 20 MB is free on cpu; lower ' + name + ' to ')
+        fits = int(r.stderr.split(' to ')[-1].split()[0])
+        assert 10 < fits < 100000, fits
+        r = _in_process(script, [*args, f'--{name}', str(fits), '--threads', '1'], capsys)
+        assert r.returncode in (0, None) and 'error' not in r.stderr, r.stderr[-2000:]
+    torch.set_num_threads(threads)
 
 def test_second_signal_inside_a_long_operation(root):
     """Two SIGTERMs while the process is inside one long torch call (a forward of 4 x 65,536 positions, over ten
