@@ -409,6 +409,8 @@ BAD_ARGS = [
     ('munchkin-nb-generate', ['victim', '--prompt', 'Ça ira'], "characters not in the vocabulary: 'Ç'"),
     ('munchkin-nb-generate', ['victim', '--prompt-file', '/no/such/prompt.txt'], 'prompt.txt'),
     ('munchkin-nb-bench', ['--config', 'no-such-config'], "unknown config 'no-such-config'"),
+    ('munchkin-nb-prepare', ['shakespeare_char', '--threads', '100000'], 'threads 100000 is more than the'),
+    ('munchkin-nb-generate', ['victim', '--threads', '100000'], 'threads=100000 is more than the'),
 ]
 
 def _entry_points() -> dict:
