@@ -813,7 +813,8 @@ def eval_memory(cfg:dict, # the model's arguments (a checkpoint's model_args)
     "Bytes evaluating a model allocates, roughly: its weights, and what one batch's forward holds"
     L, H, C, T, V = (cfg[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size'))
     per_token = 12 * C + (H * T if not fast_paths() else 0) + 3 * V + 4
-    return {'weights': 4 * (12 * L * C * C + (V + T) * C), 'activations': 4 * batch_size * T * per_token}
+    return {'weights': 4 * (12 * L * C * C + (V + T) * C),
+            'activations': 4 * batch_size * T * per_token}
 
 
 # %% ../nbs/16_runs.ipynb #157c2335
