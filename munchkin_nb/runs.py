@@ -190,6 +190,7 @@ def save(self:Run, best:bool=False):
                           after='the checkpoints there before are intact') from None
 
 # %% ../nbs/16_runs.ipynb #8f4ccbe6
+import resource
 from .kernels import fast_paths
 
 def estimate_memory(s:Settings, # the run's settings: shape, batch_size, dropout
@@ -225,13 +226,22 @@ def _cgroup_room(base='/sys/fs/cgroup', proc='/proc/self/cgroup'):
             except (OSError, ValueError): continue
     return None
 
+def _rlimit_room():
+    "Bytes of address space left under `ulimit -v` (RLIMIT_AS), or None"
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit == resource.RLIM_INFINITY: return None
+    try: m = re.search(r'^VmSize:\s+(\d+) kB', Path('/proc/self/status').read_text(), re.M)
+    except OSError: return None
+    return limit - int(m[1]) * 1024 if m else None
+
 def free_memory(device:str='cpu'):
-    "Bytes free for a new allocation on `device`: the machine's, or a cgroup limit's (None: unknown)"
+    "Bytes free for a new allocation on `device`: the machine's, or less under a cgroup or ulimit -v"
     if device.startswith('cuda'): return torch.cuda.mem_get_info(torch.device(device))[0]
     if device != 'cpu': return None
     try: m = re.search(r'^MemAvailable:\s+(\d+) kB', Path('/proc/meminfo').read_text(), re.M)
     except OSError: m = None
-    free = [n for n in (int(m[1]) * 1024 if m else None, _cgroup_room()) if n is not None]
+    free = [n for n in (int(m[1]) * 1024 if m else None, _cgroup_room(), _rlimit_room())
+            if n is not None]
     return min(free) if free else None
 
 # %% ../nbs/16_runs.ipynb #9e4d1c07
