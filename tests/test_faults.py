@@ -583,6 +583,18 @@ def test_every_script_refuses_what_memory_cannot_hold(small_run, capsys, monkeyp
         assert r.returncode in (0, None) and 'error' not in r.stderr, r.stderr[-2000:]
     torch.set_num_threads(threads)
 
+def test_free_memory_counts_ulimit_v():
+    "Under `ulimit -v` (RLIMIT_AS) the free memory is at most the address space left, so refusals name values that run"
+    import resource
+    from munchkin_nb.runs import free_memory
+    size = int(re.search(r'^VmSize:\s+(\d+) kB', Path('/proc/self/status').read_text(), re.M)[1]) * 1024
+    limits = resource.getrlimit(resource.RLIMIT_AS)
+    soft = size + (1 << 30) if limits[1] == resource.RLIM_INFINITY else min(size + (1 << 30), limits[1])
+    resource.setrlimit(resource.RLIMIT_AS, (soft, limits[1]))
+    try: free = free_memory('cpu')
+    finally: resource.setrlimit(resource.RLIMIT_AS, limits)
+    assert 0 < free <= soft - size, free
+
 def test_second_signal_inside_a_long_operation(root):
     """Two SIGTERMs while the process is inside one long torch call (a forward of 4 x 65,536 positions, over ten
     seconds on one thread): it is gone within a few seconds of the second, exit 143, without saving"""
