@@ -561,10 +561,11 @@ def test_huge_block_size_is_refused_at_once(root, capsys):
     assert not (root/'models'/'huge').exists()
 
 def test_every_script_refuses_what_memory_cannot_hold(small_run, capsys, monkeypatch):
-    """eval's --batch_size and generate's -n that need over 10 TB: refused at once with the estimate, the free memory
+    """eval's --batch_size, generate's -n and bench's --sample_tokens that need over 10 TB: refused at once with the estimate, the free memory
     and what to lower, exit 1; with the free memory set low, the value the message names runs"""
     huge = [('munchkin-nb-eval', ['small', '--batch_size', '1000000000'], 'batch_size=1000000000 and block_size=32'),
-            ('munchkin-nb-generate', ['small', '-n', '1000000000'], 'num_samples=1000000000 (with block_size=32')]
+            ('munchkin-nb-generate', ['small', '-n', '1000000000'], 'num_samples=1000000000 (with block_size=32'),
+            ('munchkin-nb-bench', ['--sample_tokens', '10000000000000', '--no_out'], '--sample_tokens 10000000000000 on')]
     for script, args, says in huge:
         t0 = time.time()
         r = _in_process(script, [*args, '--threads', '1'], capsys)
