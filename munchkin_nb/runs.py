@@ -87,11 +87,6 @@ def evaluate(self:Run):
     with self.timed('evals'): return Trainer.evaluate(self)
 
 @patch
-def save(self:Run, best:bool=False):
-    "The Trainer's save, timed"
-    with self.timed('checkpoints'): Trainer.save(self, best)
-
-@patch
 def _call(self:Run, hook:str, *args):
     "The Trainer's call of the callbacks' `hook`, timed"
     with self.timed('plots and logs'): Trainer._call(self, hook, *args)
@@ -183,8 +178,9 @@ def _resume_state(self:Run):
 # %% ../nbs/16_runs.ipynb #7d0e1b6d
 @patch
 def save(self:Run, best:bool=False):
-    "The Trainer's save; a write the machine refuses is a `MachineFault`, the old files intact"
-    try: Trainer.save(self, best)
+    "The Trainer's save, timed; a write the machine refuses is a `MachineFault`, the old files intact"
+    try:
+        with self.timed('checkpoints'): Trainer.save(self, best)
     except OSError as e:   # the copy of checkpoint.pt to last.pt (save_checkpoint names its own)
         raise write_fault(last_path(self.settings.name), e,
                           after='the checkpoints there before are intact') from None
