@@ -17,6 +17,8 @@ from .config import (MunchkinError, Parser, run_cli, say, offline_file, root_dir
                                 atomic_write, shown)
 from .data import iter_split
 from .gpt import GPT, GPTConfig
+from .generate import sampling_memory
+from .runs import check_memory
 from .kernels import (usable_cores, set_threads, threads_tick, thread_controller,
                                  fixed_threads, openmp_policy, matmul_peak, device_name, decode_store,
                                  cpu_has_bf16, cpu_features, decode_routes, DecodeLinear,
@@ -401,6 +403,12 @@ def run_bench(configs='shakespeare-char-cpu,shakespeare-char', # comma-separated
     shapes = {n: bench_shape(n) for n in names}                  # fail early on a bad name
     decode = None if decode in ('', 'none') else decode
     if decode: bench_shape(decode)
+    runs = [(n, sample_tokens, '--sample_tokens') for n in names if sample_tokens]
+    runs += [(decode, decode_tokens, '--decode_tokens')] if decode else []
+    for n, tokens, option in runs:   # sampling keeps every token's id: generate's memory rule
+        mem = sampling_memory(GPTConfig(**bench_shape(n)[0]), 1, 1, tokens)
+        check_memory(mem, f"{option} {tokens} on {n}", 'sample', str(device), option, tokens,
+                     fixed='KV caches')
     cpu = torch.device(device).type == 'cpu'
     chosen = set_threads(threads) if cpu else 0
     peak = matmul_peak(device, n=2048 if cpu else None, reps=peak_reps)

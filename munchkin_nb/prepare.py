@@ -18,6 +18,7 @@ from .config import (MunchkinError, Parser, run_cli, say, progress, data_dir,
 from .data import (CharTokenizer, BPETokenizer, load_meta, _forget, token_bytes,
                               tokenizer_from_dict)
 from .tokenizer import train_fast, check_vocab_size
+from .kernels import usable_cores
 
 # %% ../nbs/11_corpus.ipynb #62d5b985
 SHAKESPEARE_URL = ('https://raw.githubusercontent.com/karpathy/char-rnn/master/'
@@ -611,6 +612,9 @@ def prepare_main(argv=None):
     if args.list: return say(_table(list_datasets()))
     if not args.dataset: p.error("give a dataset NAME (or --list)")
     if args.threads < 0: p.error(f"--threads {args.threads} must be 0 (all cores) or more")
+    if args.threads > usable_cores():   # as set_threads: more threads than CPUs only crowd them
+        p.error(f"--threads {args.threads} is more than the {usable_cores()} CPUs this process may "
+                f"use; use 0 (all cores) or 1 to {usable_cores()}")
     prepare(args.dataset, args.source, args.force, args.val_size, args.tokenizer, args.vocab_size,
             args.threads)
 

@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['PHASES', 'STOP_SIGNALS', 'EVAL_SETTINGS', 'Dist', 'autocast_ctx', 'Run', 'check_wandb', 'estimate_memory',
-           'free_memory', 'read_metrics', 'history_at', 'MetricsFile', 'Wandb', 'LossPNG', 'dist_from_env',
-           'setup_dist', 'wrap_ddp', 'train_main', 'train_cli', 'full_loss', 'run_settings', 'eval_parser', 'eval_main',
-           'eval_cli']
+           'free_memory', 'check_memory', 'read_metrics', 'history_at', 'MetricsFile', 'Wandb', 'LossPNG',
+           'dist_from_env', 'setup_dist', 'wrap_ddp', 'train_main', 'train_cli', 'full_loss', 'eval_memory',
+           'run_settings', 'eval_parser', 'eval_main', 'eval_cli']
 
 # %% ../nbs/16_runs.ipynb #9c9f25ff
 import os, sys, io, gc, json, time, shlex, signal, threading, contextlib
@@ -87,11 +87,6 @@ def evaluate(self:Run):
     with self.timed('evals'): return Trainer.evaluate(self)
 
 @patch
-def save(self:Run, best:bool=False):
-    "The Trainer's save, timed"
-    with self.timed('checkpoints'): Trainer.save(self, best)
-
-@patch
 def _call(self:Run, hook:str, *args):
     "The Trainer's call of the callbacks' `hook`, timed"
     with self.timed('plots and logs'): Trainer._call(self, hook, *args)
@@ -149,7 +144,7 @@ def _device(self:Run):
 
 # %% ../nbs/16_runs.ipynb #55629648
 import errno, re
-from .config import write_fault
+from .config import write_fault, MachineFault
 
 @patch
 def _check_writable(self:Run):
@@ -183,13 +178,15 @@ def _resume_state(self:Run):
 # %% ../nbs/16_runs.ipynb #7d0e1b6d
 @patch
 def save(self:Run, best:bool=False):
-    "The Trainer's save; a write the machine refuses is a `MachineFault`, the old files intact"
-    try: Trainer.save(self, best)
+    "The Trainer's save, timed; a write the machine refuses is a `MachineFault`, the old files intact"
+    try:
+        with self.timed('checkpoints'): Trainer.save(self, best)
     except OSError as e:   # the copy of checkpoint.pt to last.pt (save_checkpoint names its own)
         raise write_fault(last_path(self.settings.name), e,
                           after='the checkpoints there before are intact') from None
 
 # %% ../nbs/16_runs.ipynb #8f4ccbe6
+import resource
 from .kernels import fast_paths
 
 def estimate_memory(s:Settings, # the run's settings: shape, batch_size, dropout
@@ -225,32 +222,59 @@ def _cgroup_room(base='/sys/fs/cgroup', proc='/proc/self/cgroup'):
             except (OSError, ValueError): continue
     return None
 
+def _rlimit_room():
+    "Bytes of address space left under `ulimit -v` (RLIMIT_AS), or None"
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit == resource.RLIM_INFINITY: return None
+    try: m = re.search(r'^VmSize:\s+(\d+) kB', Path('/proc/self/status').read_text(), re.M)
+    except OSError: return None
+    return limit - int(m[1]) * 1024 if m else None
+
 def free_memory(device:str='cpu'):
-    "Bytes free for a new allocation on `device`: the machine's, or a cgroup limit's (None: unknown)"
+    "Bytes free for a new allocation on `device`: the machine's, or less under a cgroup or ulimit -v"
     if device.startswith('cuda'): return torch.cuda.mem_get_info(torch.device(device))[0]
     if device != 'cpu': return None
     try: m = re.search(r'^MemAvailable:\s+(\d+) kB', Path('/proc/meminfo').read_text(), re.M)
     except OSError: m = None
-    free = [n for n in (int(m[1]) * 1024 if m else None, _cgroup_room()) if n is not None]
+    free = [n for n in (int(m[1]) * 1024 if m else None, _cgroup_room(), _rlimit_room())
+            if n is not None]
     return min(free) if free else None
 
-# %% ../nbs/16_runs.ipynb #2a86fcb0
-def _gb(n:float) -> str: return f"{n / 1e9:,.1f} GB"
+# %% ../nbs/16_runs.ipynb #9e4d1c07
+def _gb(n:float) -> str: return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.0f} MB"
 
+def check_memory(parts:dict, # bytes by what holds them: {'weights': 4e6, 'activations': 3e12}
+                 settings:str, # the numbers that set them: 'batch_size=64 and block_size=256'
+                 job:str, # what the memory is for: 'train', 'evaluate', 'sample'
+                 device:str, # where it would be allocated
+                 name:str, value:int, # the number to lower, and its value now
+                 more:str='', # other ways out, after that one
+                 fixed:str=None, # the part that does not grow with `name`, if any
+                 free:int=None): # bytes free (None: `free_memory(device)`)
+    "A `MachineFault` with the estimate, the free memory and a `name` that fits, if `parts` do not"
+    free, total = free_memory(device) if free is None else free, sum(parts.values())
+    if free is None or total <= free: return
+    base = parts.get(fixed, 0)
+    fits = int(value * (free - base) / (total - base)) if total > base else 0
+    held = ', '.join(f"{_gb(n)} of {k}" for k, n in parts.items())
+    lower = f"lower {name} to {fits} or less" if fits >= 1 else f"lower {name}"
+    raise MachineFault(f"{settings} would take about {_gb(total)} to {job} ({held}), but "
+                       f"{_gb(free)} is free on {device}; {lower}{more}")
+
+
+# %% ../nbs/16_runs.ipynb #2a86fcb0
 @patch
 def _check_memory(self:Run):
     "Refuse a run whose estimated memory exceeds what is free on its device"
     s = self.settings
     if s.init_from.startswith('gpt2'): return
-    free = free_memory(self.device)
     e = estimate_memory(s, dataset_vocab(s, self.meta))
-    if free is None or e['total'] <= free: return
-    raise MunchkinError(f"block_size={s.block_size}, batch_size={s.batch_size}, n_layer={s.n_layer} "
-                        f"and n_embd={s.n_embd} would take about {_gb(e['total'])} to train "
-                        f"({_gb(e['state'])} of weights, gradients and AdamW state, "
-                        f"{_gb(e['activations'])} of activations), but {_gb(free)} is free on "
-                        f"{self.device}; lower block_size or batch_size (gradient_accumulation_steps "
-                        "keeps the tokens per iteration), or n_layer or n_embd")
+    parts = {'weights, gradients and AdamW state': e['state'], 'activations': e['activations']}
+    check_memory(parts, f"block_size={s.block_size}, batch_size={s.batch_size}, n_layer={s.n_layer} "
+                 f"and n_embd={s.n_embd}", 'train', self.device, 'batch_size', s.batch_size,
+                 " (gradient_accumulation_steps keeps the tokens per iteration), or block_size, "
+                 "n_layer or n_embd", fixed='weights, gradients and AdamW state')
+
 
 # %% ../nbs/16_runs.ipynb #bcfc5051
 @patch
@@ -789,6 +813,16 @@ def full_loss(model, dataset:str, split:str, block_size:int, batch_size:int, dev
     if tbytes is not None: out.update(bpb=bits_per_byte(out['loss'], tokens, nbytes), bytes=nbytes)
     return out
 
+# %% ../nbs/16_runs.ipynb #0c7be2e5
+def eval_memory(cfg:dict, # the model's arguments (a checkpoint's model_args)
+                batch_size:int) -> dict: # rows a batch
+    "Bytes evaluating a model allocates, roughly: its weights, and what one batch's forward holds"
+    L, H, C, T, V = (cfg[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size'))
+    per_token = 12 * C + (H * T if not fast_paths() else 0) + 3 * V + 4
+    return {'weights': 4 * (12 * L * C * C + (V + T) * C),
+            'activations': 4 * batch_size * T * per_token}
+
+
 # %% ../nbs/16_runs.ipynb #157c2335
 EVAL_SETTINGS = ('dataset', 'source', 'batch_size', 'eval_iters', 'seed', 'device', 'dtype',
                  'threads')   # what munchkin-nb-eval uses; a run's own are its first four and seed
@@ -833,12 +867,14 @@ def eval_main(argv=None) -> dict:
     set_threads(s.threads)
     device = resolve_device(s.device)
     ctx = autocast_ctx(device, resolve_dtype(s.dtype, device))
+    T = ckpt['model_args']['block_size']
+    check_memory(eval_memory(ckpt['model_args'], s.batch_size), f"batch_size={s.batch_size} and "
+                 f"block_size={T}", 'evaluate', device, 'batch_size', s.batch_size, fixed='weights')
     dataset = s.dataset
     meta = ensure_prepared(dataset, s.source or None)
     check_fit(ckpt, ckpt['model_args'], meta['tokenizer'], path)
     model = model_from_checkpoint(ckpt, device)
     tb = token_bytes(tokenizer_from_dict(meta['tokenizer'])).to(device)
-    T = ckpt['model_args']['block_size']
     samplers = {sp: BatchSampler(dataset, sp, T, s.batch_size, device) for sp in ('train', 'val')}
     r = estimate_loss(model, samplers, s.eval_iters, ctx, seed=s.seed, tbytes=tb)
     say(f"{path} (iteration {ckpt.get('iter_num')}), {s.eval_iters} batches of {s.batch_size}: "

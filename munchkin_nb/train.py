@@ -175,17 +175,17 @@ def estimate_loss(model, samplers:dict, eval_iters:int, ctx=contextlib.nullconte
     for i, (split, sampler) in enumerate(samplers.items()):
         g = torch.Generator().manual_seed(seed + 1000 + i)   # the same windows at every eval
         sampler.load_state_dict({'generator': g.get_state()})
-        losses, nbytes = torch.zeros(eval_iters), 0
+        nats, nbytes = 0.0, 0   # sums: memory does not grow with eval_iters
         bar = progress(range(eval_iters), desc=f"{split} loss", leave=False, disable=not show)
-        for k in bar:
+        for _ in bar:
             if stop is not None and stop():
                 model.train(was_training)
                 return None
             x, y = get_batch(sampler)
             with ctx: _, loss = model(x, y)
-            losses[k] = loss.item()
+            nats += loss.item()
             if tbytes is not None: nbytes += tbytes[y].sum().item()
-        out[split] = losses.mean().item()
+        out[split] = nats / eval_iters
         if tbytes is not None:
             out[f'{split}_bpb'] = bits_per_byte(out[split], eval_iters * y.numel(), nbytes)
     model.train(was_training)

@@ -409,6 +409,8 @@ BAD_ARGS = [
     ('munchkin-nb-generate', ['victim', '--prompt', 'Ça ira'], "characters not in the vocabulary: 'Ç'"),
     ('munchkin-nb-generate', ['victim', '--prompt-file', '/no/such/prompt.txt'], 'prompt.txt'),
     ('munchkin-nb-bench', ['--config', 'no-such-config'], "unknown config 'no-such-config'"),
+    ('munchkin-nb-prepare', ['shakespeare_char', '--threads', '100000'], 'threads 100000 is more than the'),
+    ('munchkin-nb-generate', ['victim', '--threads', '100000'], 'threads=100000 is more than the'),
 ]
 
 def _entry_points() -> dict:
@@ -554,8 +556,45 @@ def test_huge_block_size_is_refused_at_once(root, capsys):
     r = _in_process('munchkin-nb-train', ['shakespeare-char-cpu', '--block_size', '100000', '--batch_size', '64',
                                           '--device', 'cpu', '--name', 'huge'], capsys)
     assert time.time() - t0 < 10
-    assert_one_line_error(r, 'would take about', 'of activations), but', 'lower block_size or batch_size')
+    assert_one_line_fault(r, 'would take about', 'of activations), but', 'lower batch_size',
+                          'or block_size, n_layer or n_embd')
     assert not (root/'models'/'huge').exists()
+
+def test_every_script_refuses_what_memory_cannot_hold(small_run, capsys, monkeypatch):
+    """eval's --batch_size, generate's -n and bench's --sample_tokens that need over 10 TB: refused at once with the estimate, the free memory
+    and what to lower, exit 1; with the free memory set low, the value the message names runs"""
+    huge = [('munchkin-nb-eval', ['small', '--batch_size', '1000000000'], 'batch_size=1000000000 and block_size=32'),
+            ('munchkin-nb-generate', ['small', '-n', '1000000000'], 'num_samples=1000000000 (with block_size=32'),
+            ('munchkin-nb-bench', ['--sample_tokens', '10000000000000', '--no_out'], '--sample_tokens 10000000000000 on')]
+    for script, args, says in huge:
+        t0 = time.time()
+        r = _in_process(script, [*args, '--threads', '1'], capsys)
+        assert time.time() - t0 < 5
+        assert_one_line_fault(r, says, 'would take about', 'is free on cpu; lower ')
+    import munchkin_nb.runs
+    monkeypatch.setattr(munchkin_nb.runs, 'free_memory', lambda device: 20e6)
+    threads = torch.get_num_threads()
+    for script, args, name in [('munchkin-nb-eval', ['small', '--eval_iters', '1'], 'batch_size'),
+                               ('munchkin-nb-generate', ['small', '--max-tokens', '2'], 'num_samples')]:
+        r = _in_process(script, [*args, f'--{name}', '100000', '--threads', '1'], capsys)
+        assert_one_line_fault(r, 'but 20 MB is free on cpu; lower ' + name + ' to ')
+        fits = int(r.stderr.split(' to ')[-1].split()[0])
+        assert 10 < fits < 100000, fits
+        r = _in_process(script, [*args, f'--{name}', str(fits), '--threads', '1'], capsys)
+        assert r.returncode in (0, None) and 'error' not in r.stderr, r.stderr[-2000:]
+    torch.set_num_threads(threads)
+
+def test_free_memory_counts_ulimit_v():
+    "Under `ulimit -v` (RLIMIT_AS) the free memory is at most the address space left, so refusals name values that run"
+    import resource
+    from munchkin_nb.runs import free_memory
+    size = int(re.search(r'^VmSize:\s+(\d+) kB', Path('/proc/self/status').read_text(), re.M)[1]) * 1024
+    limits = resource.getrlimit(resource.RLIMIT_AS)
+    soft = size + (1 << 30) if limits[1] == resource.RLIM_INFINITY else min(size + (1 << 30), limits[1])
+    resource.setrlimit(resource.RLIMIT_AS, (soft, limits[1]))
+    try: free = free_memory('cpu')
+    finally: resource.setrlimit(resource.RLIMIT_AS, limits)
+    assert 0 < free <= soft - size, free
 
 def test_second_signal_inside_a_long_operation(root):
     """Two SIGTERMs while the process is inside one long torch call (a forward of 4 x 65,536 positions, over ten
