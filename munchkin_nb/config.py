@@ -652,7 +652,8 @@ def config_table(names:list=None, width:int=None) -> str:
     indent = sum(widths) + 8   # where the description column starts
     lines = []
     for (name, dataset, shape, iters, about), own in rows:
-        about = textwrap.wrap(f"{about}  {own}" if own else about, max(20, width - indent)) or ['']
+        about = textwrap.wrap(f"{about}  {own}" if own else about, max(20, width - indent),
+                              break_long_words=False, break_on_hyphens=False) or ['']   # paths whole
         cells = [name.ljust(widths[0]), dataset.ljust(widths[1]), shape.ljust(widths[2]),
                  iters.rjust(widths[3]), about[0]]
         lines += ['  '.join(cells).rstrip(), *(' ' * indent + more for more in about[1:])]

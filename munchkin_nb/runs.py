@@ -316,6 +316,8 @@ def close(self:Run):
 @patch
 def _end(self:Run):
     "Every callback's `on_end` (one that fails cannot hide why the run stopped), then `close`"
+    ending = sys.exc_info()[1]   # in Trainer.run's `finally`: the error ending the run, if one is
+    if ending is not None: self._note_error(ending)   # before metrics.jsonl's end record is written
     try:
         with self.timed('plots and logs'):
             if self.dist.master and self.started: self._end_callbacks()
@@ -617,19 +619,21 @@ def _signals(self:Run):
     "While the block runs: stop signals handled (`_stop_signals`), and the error that ends it noted"
     try:
         with self._stop_signals(): yield
-    except MunchkinError as e:
-        self.error = str(e)
-        raise
-    except BrokenPipeError:   # the reader of the output went away: the console script exits quietly
-        self.error = 'the output was closed'
-        raise
-    except OSError as e:   # a write the machine refused, not named where it happened
-        fault = write_fault(e.filename or self.out_dir, e)
-        self.error = str(fault)
-        raise fault from None
     except Exception as e:
-        self.error = f"{type(e).__name__}: {e}"
-        raise
+        fault = self._note_error(e)
+        if fault is e: raise
+        raise fault from None
+
+@patch
+def _note_error(self:Run, e:BaseException) -> BaseException:
+    "Note the error `e` that ends the run (for the end record); the exception that names it"
+    if isinstance(e, MunchkinError): self.error = str(e)
+    elif isinstance(e, BrokenPipeError): self.error = 'the output was closed'   # the console exits quietly
+    elif isinstance(e, OSError):   # a write the machine refused, not named where it happened
+        e = write_fault(e.filename or self.out_dir, e)
+        self.error = str(e)
+    elif isinstance(e, Exception): self.error = f"{type(e).__name__}: {e}"
+    return e
 
 @patch
 @contextlib.contextmanager
