@@ -70,9 +70,16 @@ def texts(cell) -> list:
             if 'text/plain' in data: out.append(f"{o['output_type']}: {''.join(data['text/plain'])}")
     return out
 
+def _chosen() -> re.Pattern:
+    "Names a measurement picks by timing on the machine it runs on: decode routes, the best weight reader"
+    from munchkin_nb.kernels import DECODE_ROUTES
+    names = {r for routes in DECODE_ROUTES.values() for r in routes} | {'sum', 'mv'}
+    return re.compile(r'(?<![\w-])(?:%s)(?![\w-])' % '|'.join(sorted(names)))
+
 def shape(text:str) -> str:
-    "What a measurement keeps of `text`: values and machine names as `#`, runs of spaces as one"
-    return '\n'.join(' '.join(_VALUE.sub('#', _MACHINE.sub('#', l)).split()) for l in text.splitlines())
+    "What a measurement keeps of `text`: values, machine names and timed choices as `#`, spaces as one"
+    rx = _chosen()
+    return '\n'.join(' '.join(rx.sub('#', _VALUE.sub('#', _MACHINE.sub('#', l))).split()) for l in text.splitlines())
 
 def _close(a:str, b:str) -> bool:
     "Whether two printed numbers agree: equal, or decimals within float noise"
@@ -198,6 +205,9 @@ def test_a_measurement_is_compared_by_shape():
     assert 'compared by shape' in stale(saved, _cell('', 'step 27.3 s, mfu 44%\n'))  # a unit changed
     assert stale(saved, _cell('', 'step 27.3 ms, mfu 44%\nwarm-up 3 ms\n'))  # a line more
     assert stale(_cell('print(timing())', 'step 483.8 ms\n'), _cell('', 'step 27.3 ms\n'))  # unmarked: by value
+    route = _cell('#| measured\nprint(bench())', 'best reader: sum\nfp32  onednn  49.0 tok/s\n')
+    assert stale(route, _cell('', 'best reader: mv\nfp32  linear  27.9 tok/s\n')) == ''  # chosen by timing here
+    assert stale(route, _cell('', 'best reader: sum\nbf16  onednn  49.0 tok/s\n'))  # a format is not a choice
     saved = _cell('#| measured\nprint(report())', 'device: Intel(R) Xeon(R) Processor (cpu, 2 threads)\nbf16  yes  -\n')
     assert stale(saved, _cell('', 'device: AMD EPYC 7R13 (cpu, 1 threads)\nbf16  no  1.5\n')) == ''
 
