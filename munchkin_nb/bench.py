@@ -18,7 +18,7 @@ from .config import (MunchkinError, Parser, run_cli, say, offline_file, root_dir
 from .data import iter_split
 from .gpt import GPT, GPTConfig
 from .generate import sampling_memory
-from .runs import check_memory
+from .config import check_memory
 from .kernels import (usable_cores, set_threads, threads_tick, thread_controller,
                                  fixed_threads, openmp_policy, matmul_peak, device_name, decode_store,
                                  cpu_has_bf16, cpu_features, decode_routes, DecodeLinear,

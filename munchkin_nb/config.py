@@ -8,7 +8,8 @@ __all__ = ['HELP_WIDTH', 'MunchkinError', 'MachineFault', 'run_cli', 'say', 'rep
            'remove_stale_tmp', 'write_fault', 'run_lock', 'Settings', 'setting_docs', 'validate', 'read_env',
            'config_names', 'config_path', 'parse_overrides', 'settings_from', 'load_settings', 'resolve_device',
            'resolve_dtype', 'in_notebook', 'style', 'pprint_dict', 'progress', 'Parser', 'add_settings_options',
-           'show_settings', 'settings_overrides', 'config_row', 'config_table', 'configs_cli']
+           'show_settings', 'settings_overrides', 'config_row', 'config_table', 'configs_cli', 'free_memory',
+           'check_memory']
 
 # %% ../nbs/10_settings.ipynb #29864456
 import os, sys, re, ast, math, shutil, typing, textwrap, argparse, difflib, contextlib, linecache
@@ -667,3 +668,69 @@ def _list_configs(argv=None):
 def configs_cli(argv=None):
     "Console script: list the training configs"
     run_cli(_list_configs, argv)
+
+# %% ../nbs/10_settings.ipynb #a84bfc75
+import resource
+
+def _cgroup_room(base='/sys/fs/cgroup', proc='/proc/self/cgroup'):
+    "Bytes left under this process's cgroup memory limit (limit - use + reclaimable cache), or None"
+    try: lines = Path(proc).read_text().splitlines()
+    except OSError: return None
+    for line in lines:   # cgroup v2 ('0::/path') or v1's memory controller ('4:memory:/path')
+        _, ctrl, path = line.split(':', 2)
+        if ctrl == '': d, names = Path(base), ('memory.max', 'memory.current', 'inactive_file')
+        elif 'memory' in ctrl.split(','):
+            d, names = Path(base)/'memory', ('memory.limit_in_bytes', 'memory.usage_in_bytes',
+                                             'total_inactive_file')
+        else: continue
+        for folder in (d/path.lstrip('/'), d):   # the process's group; a container's own root
+            try:
+                limit = (folder/names[0]).read_text().strip()
+                if limit == 'max' or int(limit) >= 2**60: break   # no limit
+                stat = dict(l.split()[:2] for l in (folder/'memory.stat').read_text().splitlines())
+                used = int((folder/names[1]).read_text()) - int(stat.get(names[2], 0))
+                return int(limit) - used
+            except (OSError, ValueError): continue
+    return None
+
+def _rlimit_room():
+    "Bytes of address space left under `ulimit -v` (RLIMIT_AS), or None"
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit == resource.RLIM_INFINITY: return None
+    try: m = re.search(r'^VmSize:\s+(\d+) kB', Path('/proc/self/status').read_text(), re.M)
+    except OSError: return None
+    return limit - int(m[1]) * 1024 if m else None
+
+def free_memory(device:str='cpu'):
+    "Bytes free for a new allocation on `device`: the machine's, or less under a cgroup or ulimit -v"
+    if device.startswith('cuda'):
+        import torch   # only here: the settings need no torch
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    if device != 'cpu': return None
+    try: m = re.search(r'^MemAvailable:\s+(\d+) kB', Path('/proc/meminfo').read_text(), re.M)
+    except OSError: m = None
+    free = [n for n in (int(m[1]) * 1024 if m else None, _cgroup_room(), _rlimit_room())
+            if n is not None]
+    return min(free) if free else None
+
+# %% ../nbs/10_settings.ipynb #9e4d1c07
+def _gb(n:float) -> str: return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.0f} MB"
+
+def check_memory(parts:dict, # bytes by what holds them: {'weights': 4e6, 'activations': 3e12}
+                 settings:str, # the numbers that set them: 'batch_size=64 and block_size=256'
+                 job:str, # what the memory is for: 'train', 'evaluate', 'sample'
+                 device:str, # where it would be allocated
+                 name:str, value:int, # the number to lower, and its value now
+                 more:str='', # other ways out, after that one
+                 fixed:str=None, # the part that does not grow with `name`, if any
+                 free:int=None): # bytes free (None: `free_memory(device)`)
+    "A `MachineFault` with the estimate, the free memory and a `name` that fits, if `parts` do not"
+    free, total = free_memory(device) if free is None else free, sum(parts.values())
+    if free is None or total <= free: return
+    base = parts.get(fixed, 0)
+    fits = int(value * (free - base) / (total - base)) if total > base else 0
+    held = ', '.join(f"{_gb(n)} of {k}" for k, n in parts.items())
+    lower = f"lower {name} to {fits} or less" if fits >= 1 else f"lower {name}"
+    raise MachineFault(f"{settings} would take about {_gb(total)} to {job} ({held}), but "
+                       f"{_gb(free)} is free on {device}; {lower}{more}")
+

@@ -20,7 +20,7 @@ from .gpt import GPT, shape_logits
 from .checkpoint import checkpoint_path, load_checkpoint
 from .checkpoint import model_from_checkpoint, tokenizer_from_checkpoint
 from .kernels import set_threads, fast_paths
-from .runs import check_memory
+from .config import check_memory
 
 # %% ../nbs/04_generate.ipynb #1407c5cb
 class Sampler:

@@ -571,8 +571,8 @@ def test_every_script_refuses_what_memory_cannot_hold(small_run, capsys, monkeyp
         r = _in_process(script, [*args, '--threads', '1'], capsys)
         assert time.time() - t0 < 5
         assert_one_line_fault(r, says, 'would take about', 'is free on cpu; lower ')
-    import munchkin_nb.runs
-    monkeypatch.setattr(munchkin_nb.runs, 'free_memory', lambda device: 20e6)
+    import munchkin_nb.config
+    monkeypatch.setattr(munchkin_nb.config, 'free_memory', lambda device: 20e6)
     threads = torch.get_num_threads()
     for script, args, name in [('munchkin-nb-eval', ['small', '--eval_iters', '1'], 'batch_size'),
                                ('munchkin-nb-generate', ['small', '--max-tokens', '2'], 'num_samples')]:
@@ -587,7 +587,7 @@ def test_every_script_refuses_what_memory_cannot_hold(small_run, capsys, monkeyp
 def test_free_memory_counts_ulimit_v():
     "Under `ulimit -v` (RLIMIT_AS) the free memory is at most the address space left, so refusals name values that run"
     import resource
-    from munchkin_nb.runs import free_memory
+    from munchkin_nb.config import free_memory
     size = int(re.search(r'^VmSize:\s+(\d+) kB', Path('/proc/self/status').read_text(), re.M)[1]) * 1024
     limits = resource.getrlimit(resource.RLIMIT_AS)
     soft = size + (1 << 30) if limits[1] == resource.RLIM_INFINITY else min(size + (1 << 30), limits[1])
