@@ -350,13 +350,49 @@ def _bags(n:int, k:int):
     "Indices 0..n-1 and the offsets of `k` bags over them."
     return torch.arange(n), torch.arange(0, n, -(-n // k))
 
+@functools.cache
+def _compiler_ok() -> bool:
+    "Is there a C++ compiler for torch's inductor (the compiled route's kernels)?"
+    import shutil
+    names = (os.environ.get('CXX'), 'c++', 'g++', 'clang++', 'cl')
+    return any(shutil.which(n) for n in names if n)
+
+def _row_product(x, w, b, scale, act:str):
+    "One row `x` (in,) times `w` (out, in) in fp32, whatever w's format: the compiled route's kernel"
+    y = (w.float() * x).sum(-1)                  # w read once, widened to fp32 as it is loaded
+    if scale is not None: y = y * scale          # int8: one scale per output channel
+    if b is not None: y = y + b
+    return y if act is None else F.gelu(y, approximate=act)
+
+_KERNELS = {}   # (dtype, shape, bias, scale, act) -> an inductor kernel of `_row_product`
+
+def _row_kernel(w, b, scale, act:str):
+    "`_row_product` compiled by inductor (torch.compile's C++ backend) for this shape, once a process"
+    key = (w.dtype, tuple(w.shape), b is not None, scale is not None, act)
+    if key in _KERNELS: return _KERNELS[key]
+    from torch.fx.experimental.proxy_tensor import make_fx
+    extra = [t for t in (b, scale) if t is not None]
+    def f(x, w, *extra):
+        it = iter(extra)
+        bb, s = (next(it) if b is not None else None), (next(it) if scale is not None else None)
+        return (_row_product(x, w, bb, s, act),)
+    args = [torch.zeros(w.size(1)), w, *extra]
+    try:
+        with torch.inference_mode(): k = torch._inductor.compile(make_fx(f)(*args), args)
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise MunchkinError(f"the compiled decoding route could not build its kernel ({why}); "
+                            "use MUNCHKIN_DECODE_ROUTE=onednn or linear") from e
+    return _KERNELS.setdefault(key, k)
+
 WEIGHT_FORMATS = ('fp32', 'bf16', 'int8')
-DECODE_ROUTES = {'fp32': ('linear', 'onednn', 'bag'), 'bf16': ('linear', 'onednn'),
-                 'int8': ('linear',)}   # the routes of each weight format
+DECODE_ROUTES = {'fp32': ('linear', 'onednn', 'bag', 'compiled'),   # the routes of each format
+                 'bf16': ('linear', 'onednn', 'compiled'), 'int8': ('linear', 'compiled')}
 
 def decode_routes(weights:str='fp32') -> list:
     "The decoding routes of `weights` this machine can take, the plain product first"
-    return [h for h in DECODE_ROUTES[weights] if h != 'onednn' or _onednn_linear_ok()]
+    ok = {'onednn': _onednn_linear_ok, 'compiled': _compiler_ok}
+    return [h for h in DECODE_ROUTES[weights] if h not in ok or ok[h]()]
 
 class DecodeLinear:
     "A linear layer (`w` (out, in), `b`) prepared once for decoding: weights `weights`, route `how`"
@@ -367,13 +403,19 @@ class DecodeLinear:
         if how not in DECODE_ROUTES[weights]:
             raise MunchkinError(f"decoding route {how!r} unknown for {weights} weights; use "
                                 f"{', '.join(DECODE_ROUTES[weights])}")
+        if how == 'compiled' and w.device.type != 'cpu':
+            raise MunchkinError(f"the compiled decoding route is for CPU weights, not "
+                                f"{w.device.type}; use linear")
         self.b, self.weights, self.how, self.shape = b, weights, how, tuple(w.shape)
         self.dense = w if weights == 'fp32' else None     # the model's own weight, no copy
+        self.kernels = {}                                 # the compiled route's, at its first row
         if weights == 'int8':                      # weight-only int8, one scale per output channel
             scale = w.float().abs().amax(1).clamp(min=1e-12) / 127
             self.w = (w.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
             self.scale = scale.to(torch.bfloat16)
             self.packed = w.device.type == 'cpu' and w.size(1) % 16 == 0   # the kernel's constraint
+            if how == 'compiled': self.scale = scale             # fp32 rows: an fp32 scale
+        elif how == 'compiled': self.w = w.to(torch.bfloat16) if weights == 'bf16' else w   # (out, in)
         elif how == 'onednn' and weights == 'bf16':    # packed once into oneDNN's layout (2x faster)
             self.w = torch.ops.mkldnn._reorder_linear_weight(w.to(torch.bfloat16), 1)
             self.kb = None if b is None else b.detach().to(torch.bfloat16)   # the bias it adds
@@ -387,6 +429,11 @@ class DecodeLinear:
         if x.dim() != 2:                                       # any other shape, as rows
             return self(x.reshape(-1, self.shape[1]), act).reshape(*x.shape[:-1], -1)
         if not _FAST: y = self.readable(x, bias=False)          # the book's code: a plain product
+        elif self.how == 'compiled' and x.size(0) == 1 and x.dtype == torch.float32:   # one row:
+            k = self.kernels.get(act) or self._kernel(act)          # bias, scale and GELU fused in
+            xs = x[0] if x.is_contiguous() else x[0].contiguous()
+            return k(xs, self.w, *self.extra)[0].view(1, -1)
+        elif self.how == 'compiled': y = self.readable(x, bias=False)   # rows: a matrix product
         elif self.how == 'onednn':                # packed weights, the bias and GELU fused in
             how, alg = ('none', '') if act is None else ('gelu', act)
             xd = x if x.dtype == self.w.dtype else x.to(self.w.dtype)
@@ -406,15 +453,25 @@ class DecodeLinear:
         y = y if self.b is None else y + self.b
         return y if act is None else F.gelu(y, approximate=act)
 
+    def _kernel(self, act:str):
+        "The compiled route's kernel for GELU `act`, built at the first row that needs it"
+        scale = self.scale if self.weights == 'int8' else None
+        self.extra = [t.detach() for t in (self.b, scale) if t is not None]   # its inputs after w
+        self.kernels[act] = _row_kernel(self.w, self.b, scale, act)
+        return self.kernels[act]
+
     def weight(self):
         "The (out, in) weight this layer multiplies by, in x's float type: the readable version's"
         if self.dense is not None: return self.dense
         if self.weights == 'int8': return self.w.float() * self.scale.float()[:, None]
+        if self.how == 'compiled': return self.w.float()
         return self.w.to_dense().float() if self.how == 'onednn' else self.w.t().float()
 
-    def readable(self, x, bias:bool=True):
+    def readable(self, x, bias:bool=True, act:str=None):
         "The same product written plainly: activations rounded as the kernel rounds them"
-        if self.weights == 'fp32': return F.linear(x, self.weight(), self.b if bias else None)
+        if self.weights == 'fp32' or self.how == 'compiled':   # fp32 rows, fp32 sums
+            y = F.linear(x, self.weight(), self.b if bias else None)
+            return y if act is None else F.gelu(y, approximate=act)
         xr = x.to(torch.bfloat16).float()
         if self.weights == 'int8': y = F.linear(xr, self.w.float()) * self.scale.float()
         else: y = F.linear(xr, self.weight())
@@ -462,16 +519,21 @@ def decode_route(model, weights:str='fp32', reps:int=5) -> str:
             or torch.are_deterministic_algorithms_enabled()): return 'linear'
     key = (weights, tuple(tuple(w.shape) for w, _, _ in lins), torch.get_num_threads())
     if key in _DECODE_ROUTE: return _DECODE_ROUTE[key]
-    times = {h: [] for h in routes}
+    times = {}
     with torch.inference_mode():
         xs = {n: torch.randn(1, n) for n in {w.size(1) for w, _, _ in lins}}   # one row
         for h in routes:                              # one route's weights at a time: less memory
             prepared = [(DecodeLinear(w, b, weights, h), act) for w, b, act in lins]
-            for _ in range(reps + 1):                 # the first is a warm-up
+            try:
+                for lin, act in prepared: lin(xs[lin.shape[1]], act)   # a warm-up (compiled: build)
+            except MunchkinError:                     # no C++ compiler that works: not this route
+                continue
+            times[h] = []
+            for _ in range(reps):
                 t0 = time.perf_counter()
                 for lin, act in prepared: lin(xs[lin.shape[1]], act)
                 times[h].append(time.perf_counter() - t0)
-    fast = {h: min(t[1:]) for h, t in times.items()}   # the fastest pass: others only slow one
+    fast = {h: min(t) for h, t in times.items()}   # the fastest pass: others only slow one
     best = min(fast, key=fast.get)
     return _DECODE_ROUTE.setdefault(key, best if fast[best] < 0.9 * fast['linear'] else 'linear')
 
@@ -491,7 +553,7 @@ class DecodeStore:
                         (blk.ln_2.weight, blk.ln_2.bias), lins[4 * i + 2], acts[4 * i + 2],   # in the
                         lins[4 * i + 3]) for i, blk in enumerate(tr.h)]               # step's order
         self.ln_f = (tr.ln_f.weight, tr.ln_f.bias)
-        self.half = weights != 'fp32'      # bf16, int8: the kernels take and give bfloat16 rows
+        self.half = weights != 'fp32' and self.how != 'compiled'   # the kernels take bfloat16 rows
         self.version = _param_version(model)
 
     def nbytes(self) -> int:
