@@ -348,7 +348,7 @@ def weights_quality(model:GPT, dataset:str, weights=('bf16', 'int8'), tokens:int
     top2, best = fp32.topk(2).values, fp32.argmax(-1)
     out = {'fp32': dict(val_loss=split_loss(model, dataset, 'val', batch_size, device), delta=0.0,
                         same=1.0, argmax_same=1.0, first_divergence=None, margin=None, route='-')}
-    runs = [(w, how) for w in weights for how in decode_routes(w)]   # bf16: linear and onednn
+    runs = [(w, how) for w in weights for how in decode_routes(w)]   # bf16: linear, onednn, compiled
     for w, how in runs:
         loss = split_loss(with_weights(model, w, how), dataset, 'val', batch_size, device)
         with _decode_route(how): got = model.generate(prompt, tokens, temperature=0, weights=w)
@@ -356,7 +356,7 @@ def weights_quality(model:GPT, dataset:str, weights=('bf16', 'int8'), tokens:int
         forced = _next_logits(with_weights(model, w, how), seq, n).argmax(-1)   # fp32's tokens
         diff = (got != ref).nonzero()
         first = int(diff[0]) if len(diff) else None
-        key = w if how == 'linear' else f"{w}-{how}"      # 'bf16', 'bf16-onednn', 'int8'
+        key = w if how == 'linear' else f"{w}-{how}"      # 'bf16', 'bf16-compiled', 'int8'
         out[key] = dict(val_loss=loss, delta=loss - out['fp32']['val_loss'], route=how,
                       same=(got == ref).float().mean().item(),
                       argmax_same=(forced == best).float().mean().item(), first_divergence=first,
@@ -368,12 +368,12 @@ def format_quality(q:dict) -> str:
     lines = [f"quality on {q['dataset']}: val loss on the whole val split; {q['tokens']} greedy "
              "tokens against fp32's: the same running free, the same on fp32's tokens (forced), "
              "where they first part and fp32's top-2 logit gap there",
-             f"{'weights':<12}{'route':>7}{'val loss':>10}{'delta':>9}{'same':>8}{'forced':>8}{'parts at':>10}"
+             f"{'weights':<14}{'route':>9}{'val loss':>10}{'delta':>9}{'same':>8}{'forced':>8}{'parts at':>10}"
              f"{'gap':>8}"]
     for w, r in q['formats'].items():
         first = '-' if r['first_divergence'] is None else str(r['first_divergence'])
         gap = '-' if r['margin'] is None else f"{r['margin']:.3f}"
-        lines.append(f"{w:<12}{r.get('route', '?'):>7}{r['val_loss']:10.4f}{r['delta']:+9.4f}{r['same']:8.1%}"
+        lines.append(f"{w:<14}{r.get('route', '?'):>9}{r['val_loss']:10.4f}{r['delta']:+9.4f}{r['same']:8.1%}"
                      f"{r['argmax_same']:8.1%}{first:>10}{gap:>8}")
     return '\n'.join(lines)
 

@@ -382,7 +382,7 @@ def _row_kernel(w, b, scale, act:str):
     except Exception as e:
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise MunchkinError(f"the compiled decoding route could not build its kernel ({why}); "
-                            "use MUNCHKIN_DECODE_ROUTE=onednn or linear") from e
+                            "use MUNCHKIN_DECODE_ROUTE=linear, or install a C++ compiler") from e
     return _KERNELS.setdefault(key, k)
 
 WEIGHT_FORMATS = ('fp32', 'bf16', 'int8')

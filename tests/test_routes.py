@@ -1,6 +1,6 @@
 """Every fast path against the readable code it stands for, each route forced, whatever this machine's
 timing would pick: decoding (fp32 through each matrix-vector route, bf16, int8) at batches of 1, 2 and 5
-in the matrix shapes of every config, and the training-time paths (blocked attention, the dropout mask)
+in the matrix shapes of every config (the compiled route: the smallest, 1 and 2 rows), and the training-time paths (blocked attention, the dropout mask)
 with dropout off and on. The models have one block (the blocks of a config are alike); their width,
 heads, vocabulary and context are the config's."""
 import functools, os
@@ -61,9 +61,13 @@ def _check_greedy(fast, readable, ref_logits, tol):
         top2 = ref_logits[b, i].topk(2).values
         assert top2[0] - top2[1] < tol, f"row {b}: greedy tokens differ at {i}, not at a near tie"
 
-@pytest.mark.parametrize('batch', [1, 2, 5])
-@pytest.mark.parametrize('weights,how', ROUTES, ids=[f'{w}-{h}' for w, h in ROUTES])
-@pytest.mark.parametrize('shape', SHAPES, ids=[f'{s[0]}x{s[2]}' for s in SHAPES])
+# every route at every config's shape and batch, except the compiled route: it builds a kernel per matrix
+# shape (about a second each), so it runs at the smallest shape, one row (its kernel) and two (a product)
+CASES = [(s, w, h, b) for s in SHAPES for w, h in ROUTES for b in (1, 2, 5)
+         if h != 'compiled' or (s == SHAPES[0] and b < 5)]
+
+@pytest.mark.parametrize('shape,weights,how,batch', CASES,
+                         ids=[f'{s[0]}x{s[2]}-{w}-{h}-{b}' for s, w, h, b in CASES])
 def test_decode_route_equals_readable(shape, weights, how, batch, monkeypatch):
     "Each decoding route, forced, gives the readable code's logits and greedy tokens"
     _usable(how, weights)
@@ -207,3 +211,50 @@ def test_short_training_and_sample_both_ways(shakespeare_path):
     with_dropout, _ = _train(ids, 30, 0.2)                      # dropout: the fast mask
     with use_fast(False): readable_dropout, _ = _train(ids, 30, 0.2)
     assert abs(sum(with_dropout[-10:]) - sum(readable_dropout[-10:])) / 10 < 0.1
+
+# ---- how the route is chosen -------------------------------------------------------------------------
+
+def _timed_choice(monkeypatch, weights:str, cost:dict, failing=()) -> str:
+    "decode_route's choice when each route's product takes `cost[route]` seconds on a played clock"
+    clock = [0.0]
+    def product(self, x, act=None):
+        if self.how in failing: raise kernels.MunchkinError(f"{self.how}: no kernel here")
+        clock[0] += cost[self.how]
+        return torch.zeros(x.size(0), self.shape[0])
+    monkeypatch.setattr(kernels.DecodeLinear, '__call__', product)
+    monkeypatch.setattr(kernels, 'time', type('Clock', (), {'perf_counter': lambda: clock[0]}))
+    monkeypatch.setattr(kernels, '_DECODE_ROUTE', {})
+    monkeypatch.delenv('MUNCHKIN_DECODE_ROUTE', raising=False)
+    m = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=192))   # c_fc > 2^17
+    return kernels.decode_route(m, weights)
+
+@pytest.mark.parametrize('weights', WEIGHT_FORMATS)
+def test_route_choice_follows_the_timing(weights, monkeypatch):
+    "Whichever route is fastest by 10% or more is taken, one that cannot build is passed over"
+    routes = decode_routes(weights)
+    for target in routes:
+        cost = {h: 1e-3 for h in routes}
+        cost[target] = 0.5e-3
+        assert _timed_choice(monkeypatch, weights, cost) == target
+    if len(routes) > 1:
+        near = {h: 1e-3 for h in routes}
+        near[routes[-1]] = 0.95e-3                   # 5% faster than the plain product: not worth it
+        assert _timed_choice(monkeypatch, weights, near) == 'linear'
+        fast = {h: 1e-3 for h in routes}
+        fast[routes[-1]], fast[routes[-2]] = 0.1e-3, 0.5e-3   # the fastest fails to build: the next
+        assert _timed_choice(monkeypatch, weights, fast, failing=(routes[-1],)) == routes[-2]
+
+def test_compiled_route_without_a_compiler(monkeypatch):
+    "Forced, the compiled route whose kernel cannot be built says so in one line with the way on"
+    _usable('compiled')
+    def no_compiler(*a, **k): raise RuntimeError("C++ compile error\nfatal: cc1plus not found")
+    monkeypatch.setattr(torch._inductor, 'compile', no_compiler)
+    monkeypatch.setattr(kernels, '_KERNELS', {})
+    monkeypatch.setenv('MUNCHKIN_DECODE_ROUTE', 'compiled')
+    m = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
+    with pytest.raises(kernels.MunchkinError) as e:
+        m.generate(torch.zeros(1, 2, dtype=torch.long), 3)
+    assert str(e.value) == ("the compiled decoding route could not build its kernel (C++ compile error); "
+                            "use MUNCHKIN_DECODE_ROUTE=linear, or install a C++ compiler")
+    monkeypatch.setenv('MUNCHKIN_DECODE_ROUTE', 'linear')          # the way on, as the line says
+    assert m.generate(torch.zeros(1, 2, dtype=torch.long), 3).shape == (1, 5)
