@@ -483,8 +483,8 @@ def _format_decode(d) -> list:
                      + _products_cells(r))
     if 'bf16' in d['weights'] and d['cpu_has_bf16'] is not None:
         has = 'yes' if d['cpu_has_bf16'] else 'no'
-        lines.append(f"bf16 instructions on this CPU (avx512_bf16, AMX): {has}; without them bf16 "
-                     "converts in software and gains only what its layout gives")
+        lines.append(f"bf16 instructions on this CPU (avx512_bf16, AMX): {has}; oneDNN's bf16 route "
+                     "needs them, the compiled route widens bf16 to fp32 as it loads and does not")
     return lines
 
 def format_bench(rep) -> str:
