@@ -255,42 +255,56 @@ def products_time(store, # a `DecodeStore`: its matrices in one format and route
             best = min(best, time.perf_counter() - t0)
     return best
 
+@contextlib.contextmanager
+def _decode_route(how:str=None):
+    "Decode through route `how` within the block, as MUNCHKIN_DECODE_ROUTE=how does (None: as is)"
+    before = os.environ.get('MUNCHKIN_DECODE_ROUTE')
+    if how is not None: os.environ['MUNCHKIN_DECODE_ROUTE'] = how
+    try: yield
+    finally:
+        if before is None: os.environ.pop('MUNCHKIN_DECODE_ROUTE', None)
+        else: os.environ['MUNCHKIN_DECODE_ROUTE'] = before
+
 def bench_decode(cfg:GPTConfig, weights=WEIGHT_FORMATS, tokens:int=64, repeats:int=3,
-                 device='cpu', seed=1337, threads:int=None) -> dict:
+                 device='cpu', seed=1337, threads:int=None,
+                 routes:bool=False) -> dict: # True: every route of each format, forced, in turn
     "Cached decoding tokens/s per weight format (random weights) against the weight-read limit"
     with fixed_threads(threads):                   # the limit and decoding on the same threads
-        return _bench_decode(cfg, tuple(weights), tokens, repeats, device, seed)
+        return _bench_decode(cfg, tuple(weights), tokens, repeats, device, seed, routes)
 
-def _bench_decode(cfg, weights, tokens, repeats, device, seed) -> dict:
+def _bench_decode(cfg, weights, tokens, repeats, device, seed, routes=False) -> dict:
     torch.manual_seed(seed)
     model = GPT(cfg).to(device).eval()
+    keys = [(w, h) for w in weights for h in (decode_routes(w) if routes else [None])]
     prep, stores = {}, {}
-    for w in dict.fromkeys(('fp32',) + weights):
-        t0 = time.perf_counter()
-        stores[w] = decode_store(model, w)
-        prep[w] = time.perf_counter() - t0
-        decode_rate(model, w, 4, device, seed)           # warm up
+    for w, h in keys:                                    # each format (and route) prepared once
+        with _decode_route(h):
+            t0 = time.perf_counter()
+            stores[w, h] = decode_store(model, w)
+            prep[w, h] = time.perf_counter() - t0
+            decode_rate(model, w, 4, device, seed)       # warm up
     own = decode_store(model, 'fp32', 'linear').lins       # the model's own fp32 matrices
     limit = weight_read_limit([lin.weight() for lin in own], device=device)
-    runs, prods = {w: [] for w in weights}, {w: [] for w in weights}
+    runs, prods = {k: [] for k in keys}, {k: [] for k in keys}
     for r in range(repeats):                             # interleaved, reversed every other time
-        for w in (weights if r % 2 == 0 else weights[::-1]):
-            runs[w].append(decode_rate(model, w, tokens, device, seed))
-            prods[w].append(products_time(stores[w], device=device))   # the products alone
+        for w, h in (keys if r % 2 == 0 else keys[::-1]):
+            with _decode_route(h): runs[w, h].append(decode_rate(model, w, tokens, device, seed))
+            prods[w, h].append(products_time(stores[w, h], device=device))   # the products alone
     bw = limit['bytes'] / limit['seconds']
-    fp32 = max(runs['fp32']) if 'fp32' in runs else None
-    fp32_prods = min(prods['fp32']) if 'fp32' in prods else None
+    f32 = [k for k in keys if k[0] == 'fp32']            # fp32's best route: the reference
+    fp32 = max(max(runs[k]) for k in f32) if f32 else None
+    fp32_prods = min(min(prods[k]) for k in f32) if f32 else None
     shape = {k: getattr(cfg, k) for k in ('block_size', 'vocab_size', 'n_layer', 'n_embd')}
     out = dict(model=shape, tokens=tokens, repeats=repeats, threads=torch.get_num_threads(),
                cpu_has_bf16=cpu_has_bf16(), cpu_features=cpu_features(), limit=limit, weights={})
-    for w in weights:
-        best, nbytes = max(runs[w]), stores[w].nbytes()
-        out['weights'][w] = dict(tokens_per_s=best, median=statistics.median(runs[w]), runs=runs[w],
-                                 bytes=nbytes, of_limit=best / limit['tokens_per_s'],
-                                 roofline=bw / nbytes, of_roofline=best / (bw / nbytes),
-                                 x_fp32=best / fp32 if fp32 else None, prepare_s=prep[w],
-                                 route=stores[w].how, products_s=min(prods[w]),
-                                 products_x_fp32=fp32_prods / min(prods[w]) if fp32 else None)
+    for w, h in keys:
+        k, best, nbytes = (w, h), max(runs[w, h]), stores[w, h].nbytes()
+        out['weights'][w if h is None else f"{w}-{h}"] = dict(
+            weights=w, tokens_per_s=best, median=statistics.median(runs[k]), runs=runs[k],
+            bytes=nbytes, of_limit=best / limit['tokens_per_s'], roofline=bw / nbytes,
+            of_roofline=best / (bw / nbytes), x_fp32=best / fp32 if fp32 else None,
+            prepare_s=prep[k], route=stores[k].how, products_s=min(prods[k]),
+            products_x_fp32=fp32_prods / min(prods[k]) if fp32 else None)
     return out
 
 # %% ../nbs/15_bench.ipynb #06962015
@@ -326,15 +340,6 @@ def _next_logits(model:GPT, seq, start:int) -> torch.Tensor:
     T = model.config.block_size
     return torch.cat([model(seq[:, max(0, i - T):i])[0][0, -1:] for i in range(start, seq.size(1))])
 
-@contextlib.contextmanager
-def _decode_route(how:str):
-    "Decode through route `how` within the block, as MUNCHKIN_DECODE_ROUTE=how does"
-    before = os.environ.get('MUNCHKIN_DECODE_ROUTE')
-    os.environ['MUNCHKIN_DECODE_ROUTE'] = how
-    try: yield
-    finally:
-        if before is None: del os.environ['MUNCHKIN_DECODE_ROUTE']
-        else: os.environ['MUNCHKIN_DECODE_ROUTE'] = before
 
 def weights_quality(model:GPT, dataset:str, weights=('bf16', 'int8'), tokens:int=200,
                     batch_size:int=32, device='cpu', prompt=None) -> dict:
@@ -385,7 +390,8 @@ def run_bench(configs='shakespeare-char-cpu,shakespeare-char', # comma-separated
               under_load:int=0, load_seconds:float=4.0, load_warmup:float=2.0,
               load_repeats:int=2, # beside competitors: how many, windows, repeats
               decode:str='gpt2', decode_weights=WEIGHT_FORMATS, decode_tokens:int=32,
-              decode_repeats:int=2) -> dict: # the decode rows ('none' skips them)
+              decode_repeats:int=2, # the decode rows ('none' skips them)
+              all_routes:bool=False) -> dict: # decode rows for every route, forced, not the chosen
     "Run the benchmark for comma-separated config names; returns the JSON-able report."
     if iters <= 0 or sample_tokens < 0:
         raise MunchkinError(f"--iters must be positive and --sample_tokens at least 0, got "
@@ -433,7 +439,7 @@ def run_bench(configs='shakespeare-char-cpu,shakespeare-char', # comma-separated
     for r in rep['results']: r['train']['mfu'] = r['train']['achieved_flops'] / peak
     if decode:
         d = bench_decode(GPTConfig(**bench_shape(decode)[0]), decode_weights, decode_tokens,
-                         decode_repeats, device, threads=chosen or None)
+                         decode_repeats, device, threads=chosen or None, routes=all_routes)
         rep['decode'] = dict(config=decode, **d)
     return rep
 
@@ -467,6 +473,7 @@ def _products_cells(r) -> str:
 
 def _format_decode(d) -> list:
     m, lim = d['model'], d['limit']
+    wide = max(8, *(len(w) + 1 for w in d['weights']))     # 'bf16-compiled' with every route
     lines = ["", f"cached decoding at the {d['config']} shape ({m['n_layer']}x{m['n_embd']}, vocab "
              f"{m['vocab_size']}, random weights), {d['tokens']} tokens from a 1-token prompt, "
              f"{d['threads']} thread(s), best of {d['repeats']}:",
@@ -474,14 +481,15 @@ def _format_decode(d) -> list:
              f"({lim['gb_per_s']:.1f} GB/s, best reader: {lim['reader']}, best of 3 cold passes) = "
              f"{lim['tokens_per_s']:.1f} tokens/s",
              f"instruction sets: {d.get('cpu_features', '?')}",
-             f"{'weights':<8}{'route':>7}{'MB':>8}{'tok/s':>9}{'of limit':>10}{'x fp32':>8}"
+             f"{'weights':<{wide}}{'route':>9}{'MB':>8}{'tok/s':>9}{'of limit':>10}{'x fp32':>8}"
              f"{'roofline':>10}{'of roofline':>13}{'products':>10}{'x fp32':>8}"]
     for w, r in d['weights'].items():
         x = '' if r['x_fp32'] is None else f"{r['x_fp32']:.2f}x"
-        lines.append(f"{w:<8}{r.get('route', '?'):>7}{r['bytes'] / 1e6:8.1f}{r['tokens_per_s']:9.1f}"
+        lines.append(f"{w:<{wide}}{r.get('route', '?'):>9}{r['bytes'] / 1e6:8.1f}{r['tokens_per_s']:9.1f}"
                      f"{r['of_limit']:10.0%}{x:>8}{r['roofline']:10.1f}{r['of_roofline']:13.0%}"
                      + _products_cells(r))
-    if 'bf16' in d['weights'] and d['cpu_has_bf16'] is not None:
+    bf16 = any(r.get('weights', w) == 'bf16' for w, r in d['weights'].items())   # a row of bf16
+    if bf16 and d['cpu_has_bf16'] is not None:
         has = 'yes' if d['cpu_has_bf16'] else 'no'
         lines.append(f"bf16 instructions on this CPU (avx512_bf16, AMX): {has}; oneDNN's bf16 route "
                      "needs them, the compiled route widens bf16 to fp32 as it loads and does not")
@@ -809,6 +817,8 @@ def bench_parser() -> Parser:
     arg('--decode_tokens', 'tokens timed per decode run', type=int, default=32, metavar='N')
     arg('--decode_repeats', 'decode runs per format; the best counts', type=int, default=2,
         metavar='N')
+    arg('--decode_routes', 'decode rows for every route of each format, forced, interleaved',
+        action='store_true')
     arg('--quality', "instead: bf16 and int8 quality of a run's checkpoint", metavar='RUN')
     arg('--quality_tokens', 'greedy tokens compared with fp32', type=int, default=200,
         metavar='N')
@@ -852,7 +862,8 @@ def bench_cli(argv=None):
                             under_load=a.under_load, load_seconds=a.load_seconds,
                             load_warmup=a.load_warmup, load_repeats=a.load_repeats, decode=a.decode,
                             decode_weights=[w for w in a.decode_weights.split(',') if w],
-                            decode_tokens=a.decode_tokens, decode_repeats=a.decode_repeats)
+                            decode_tokens=a.decode_tokens, decode_repeats=a.decode_repeats,
+                            all_routes=a.decode_routes)
             text = format_bench(rep)
         say(text)
         if out is not None:
