@@ -361,24 +361,25 @@ def _row_product(x, w, b, scale, act:str):
     "One row `x` (in,) times `w` (out, in) in fp32, whatever w's format: the compiled route's kernel"
     y = (w.float() * x).sum(-1)                  # w read once, widened to fp32 as it is loaded
     if scale is not None: y = y * scale          # int8: one scale per output channel
-    if b is not None: y = y + b
+    y = y + b
     return y if act is None else F.gelu(y, approximate=act)
 
-_KERNELS = {}   # (dtype, shape, bias, scale, act) -> an inductor kernel of `_row_product`
+_KERNELS = {}   # (weight dtype, int8 scale, act) -> an inductor kernel of `_row_product`
 
-def _row_kernel(w, b, scale, act:str):
-    "`_row_product` compiled by inductor (torch.compile's C++ backend) for this shape, once a process"
-    key = (w.dtype, tuple(w.shape), b is not None, scale is not None, act)
+def _row_kernel(dtype, scale:bool, act:str):
+    "`_row_product` compiled by inductor (torch.compile's C++ backend) for matrices of any shape"
+    key = (dtype, scale, act)
     if key in _KERNELS: return _KERNELS[key]
     from torch.fx.experimental.proxy_tensor import make_fx
-    extra = [t for t in (b, scale) if t is not None]
-    def f(x, w, *extra):
-        it = iter(extra)
-        bb, s = (next(it) if b is not None else None), (next(it) if scale is not None else None)
-        return (_row_product(x, w, bb, s, act),)
-    args = [torch.zeros(w.size(1)), w, *extra]
+    def f(x, w, b, *s): return (_row_product(x, w, b, s[0] if scale else None, act),)
+    n, out = 16, 24                           # distinct sizes: each stays its own symbol
+    args = [torch.empty(n), torch.empty(out, n, dtype=dtype)]    # shapes only: never read
+    args += [torch.empty(out) for _ in range(1 + scale)]
     try:
-        with torch.inference_mode(): k = torch._inductor.compile(make_fx(f)(*args), args)
+        with torch.inference_mode():
+            gm = make_fx(f, tracing_mode='symbolic')(*args)      # one kernel for every shape
+            fakes = [p.meta['val'] for p in gm.graph.find_nodes(op='placeholder')]
+            k = torch._inductor.compile(gm, fakes)
     except Exception as e:
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise MunchkinError(f"the compiled decoding route could not build its kernel ({why}); "
@@ -409,13 +410,15 @@ class DecodeLinear:
         self.b, self.weights, self.how, self.shape = b, weights, how, tuple(w.shape)
         self.dense = w if weights == 'fp32' else None     # the model's own weight, no copy
         self.kernels = {}                                 # the compiled route's, at its first row
+        self.rowwise = how == 'compiled' and min(w.shape) > 1   # (1-wide: the readable product)
         if weights == 'int8':                      # weight-only int8, one scale per output channel
             scale = w.float().abs().amax(1).clamp(min=1e-12) / 127
             self.w = (w.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
             self.scale = scale.to(torch.bfloat16)
             self.packed = w.device.type == 'cpu' and w.size(1) % 16 == 0   # the kernel's constraint
             if how == 'compiled': self.scale = scale             # fp32 rows: an fp32 scale
-        elif how == 'compiled': self.w = w.to(torch.bfloat16) if weights == 'bf16' else w   # (out, in)
+        elif how == 'compiled':                                  # (out, in), rows contiguous
+            self.w = (w.to(torch.bfloat16) if weights == 'bf16' else w).contiguous()
         elif how == 'onednn' and weights == 'bf16':    # packed once into oneDNN's layout (2x faster)
             self.w = torch.ops.mkldnn._reorder_linear_weight(w.to(torch.bfloat16), 1)
             self.kb = None if b is None else b.detach().to(torch.bfloat16)   # the bias it adds
@@ -429,7 +432,7 @@ class DecodeLinear:
         if x.dim() != 2:                                       # any other shape, as rows
             return self(x.reshape(-1, self.shape[1]), act).reshape(*x.shape[:-1], -1)
         if not _FAST: y = self.readable(x, bias=False)          # the book's code: a plain product
-        elif self.how == 'compiled' and x.size(0) == 1 and x.dtype == torch.float32:   # one row:
+        elif self.rowwise and x.size(0) == 1 and x.dtype == torch.float32:   # one row:
             k = self.kernels.get(act) or self._kernel(act)          # bias, scale and GELU fused in
             xs = x[0] if x.is_contiguous() else x[0].contiguous()
             return k(xs, self.w, *self.extra)[0].view(1, -1)
@@ -455,9 +458,9 @@ class DecodeLinear:
 
     def _kernel(self, act:str):
         "The compiled route's kernel for GELU `act`, built at the first row that needs it"
-        scale = self.scale if self.weights == 'int8' else None
-        self.extra = [t.detach() for t in (self.b, scale) if t is not None]   # its inputs after w
-        self.kernels[act] = _row_kernel(self.w, self.b, scale, act)
+        b = torch.zeros(self.shape[0]) if self.b is None else self.b.detach().float()   # always one
+        self.extra = [b] + ([self.scale] if self.weights == 'int8' else [])   # inputs after w
+        self.kernels[act] = _row_kernel(self.w.dtype, self.weights == 'int8', act)
         return self.kernels[act]
 
     def weight(self):
