@@ -243,7 +243,8 @@ def test_from_pretrained_peak_memory(tmp_path):
 def test_bench_cli(tmp_path):
     out = tmp_path/'b.json'
     r = subprocess.run([str(BIN/'munchkin-nb-bench'), '--config', 'shakespeare-char-cpu', '--iters', '1',
-                        '--sample_tokens', '30', '--no_same_window', '--out', str(out)],
+                        '--sample_tokens', '30', '--no_same_window', '--decode', 'none',
+                        '--out', str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert 'shakespeare-char-cpu' in r.stdout and 'GFLOP/s' in r.stdout

@@ -228,8 +228,13 @@ def _timed_choice(monkeypatch, weights:str, cost:dict, failing=()) -> str:
     m = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=192))   # c_fc > 2^17
     return kernels.decode_route(m, weights)
 
+@pytest.fixture
+def compiled_timed(monkeypatch):
+    "The compiled route timed for any model, however small (it is, from COMPILED_MIN weights up)"
+    monkeypatch.setattr(kernels, 'COMPILED_MIN', 0)
+
 @pytest.mark.parametrize('weights', WEIGHT_FORMATS)
-def test_route_choice_follows_the_timing(weights, monkeypatch):
+def test_route_choice_follows_the_timing(weights, monkeypatch, compiled_timed):
     "Whichever route is fastest by 10% or more is taken, one that cannot build is passed over"
     routes = decode_routes(weights)
     for target in routes:
@@ -243,6 +248,15 @@ def test_route_choice_follows_the_timing(weights, monkeypatch):
         fast = {h: 1e-3 for h in routes}
         fast[routes[-1]], fast[routes[-2]] = 0.1e-3, 0.5e-3   # the fastest fails to build: the next
         assert _timed_choice(monkeypatch, weights, fast, failing=(routes[-1],)) == routes[-2]
+
+def test_compiled_route_timed_only_for_large_models(monkeypatch):
+    "Below COMPILED_MIN weights the compiled route, however fast, is not timed: the next one wins"
+    _usable('compiled')
+    cost = {h: 1e-3 for h in decode_routes('bf16')}
+    cost['compiled'], cost['linear'] = 0.1e-3, 0.5e-3
+    assert _timed_choice(monkeypatch, 'bf16', cost) == 'linear'
+    monkeypatch.setattr(kernels, 'COMPILED_MIN', 192 * 192 * 12)   # this model's weights: timed
+    assert _timed_choice(monkeypatch, 'bf16', cost) == 'compiled'
 
 def test_compiled_route_without_a_compiler(monkeypatch):
     "Forced, the compiled route whose kernel cannot be built says so in one line with the way on"
