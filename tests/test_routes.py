@@ -61,8 +61,8 @@ def _check_greedy(fast, readable, ref_logits, tol):
         top2 = ref_logits[b, i].topk(2).values
         assert top2[0] - top2[1] < tol, f"row {b}: greedy tokens differ at {i}, not at a near tie"
 
-# every route at every config's shape and batch, except the compiled route: it builds a kernel per matrix
-# shape (about a second each), so it runs at the smallest shape, one row (its kernel) and two (a product)
+# every route at every config's shape and batch, except the compiled route: one row takes its kernel,
+# several the readable product, so it runs at the smallest shape with one row and two
 CASES = [(s, w, h, b) for s in SHAPES for w, h in ROUTES for b in (1, 2, 5)
          if h != 'compiled' or (s == SHAPES[0] and b < 5)]
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from munchkin_nb.kernels import (ThreadController, busy_elsewhere, choose_threads, set_threads,
                                  decode_store, decode_step, DecodeLinear, decode_routes)
+from munchkin_nb import kernels
 from munchkin_nb.gpt import GPT, GPTConfig
 from munchkin_nb.bench import competitors, COMPETITOR
 from conftest import REPO, run_script, assert_one_line_error
@@ -159,19 +160,24 @@ def test_bench_cli_under_load(tmp_path):
     assert_one_line_error(bench('--under_load', -1), 'under_load')
     assert_one_line_error(bench('--decode_weights', 'fp8'), 'unknown fp8')
 
-def test_bench_every_decode_route(tmp_path):
+def test_bench_every_decode_route(tmp_path, monkeypatch, capsys):
     "--decode_routes: a row for each fp32 route, each forced, measured against the best of them"
+    from munchkin_nb.bench import bench_cli      # in this process: its compiled kernels are built
     out = tmp_path/'b.json'
-    r = run_script('munchkin-nb-bench', '--config', '', '--decode', 'shakespeare-char-cpu',
-                   '--decode_weights', 'fp32', '--decode_routes', '--decode_tokens', 2,
-                   '--decode_repeats', 1, '--threads', 1, '--out', out,
-                   env={'XDG_CACHE_HOME': str(tmp_path)})
-    assert r.returncode == 0, r.stderr
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+    monkeypatch.setattr(kernels, '_CONTROLLER', kernels._CONTROLLER)   # --threads: given back after
+    threads = torch.get_num_threads()
+    try:
+        bench_cli(['--config', '', '--decode', 'shakespeare-char-cpu', '--decode_weights', 'fp32',
+                   '--decode_routes', '--decode_tokens', '2', '--decode_repeats', '1', '--threads', '1',
+                   '--out', str(out)])
+    finally: torch.set_num_threads(threads)
     rows = json.loads(out.read_text())['decode']['weights']
     assert list(rows) == [f'fp32-{h}' for h in decode_routes('fp32')]
     assert all(row['route'] == name.split('-')[1] for name, row in rows.items())
     assert max(row['x_fp32'] for row in rows.values()) == pytest.approx(1.0)
-    assert all(f'fp32-{h}' in r.stdout for h in decode_routes('fp32'))
+    printed = capsys.readouterr().out
+    assert all(f'fp32-{h}' in printed for h in decode_routes('fp32'))
 
 def test_gpu_check_dry_run(tmp_path, shakespeare_path):
     "Every step of the GPU check on tiny shapes on the CPU, through the script a GPU machine runs"
