@@ -372,8 +372,8 @@ def _row_kernel(dtype, scale:bool, act:str):
     if key in _KERNELS: return _KERNELS[key]
     from torch.fx.experimental.proxy_tensor import make_fx
     def f(x, w, b, *s): return (_row_product(x, w, b, s[0] if scale else None, act),)
-    n, out = 16, 24                           # distinct sizes: each stays its own symbol
-    args = [torch.empty(n), torch.empty(out, n, dtype=dtype)]    # shapes only: never read
+    n, out = 1024, 3072       # distinct sizes (each its own symbol), large: inductor's hints for
+    args = [torch.empty(n), torch.empty(out, n, dtype=dtype)]    # threads and vectors; never read
     args += [torch.empty(out) for _ in range(1 + scale)]
     try:
         with torch.inference_mode():
