@@ -340,7 +340,6 @@ def _next_logits(model:GPT, seq, start:int) -> torch.Tensor:
     T = model.config.block_size
     return torch.cat([model(seq[:, max(0, i - T):i])[0][0, -1:] for i in range(start, seq.size(1))])
 
-
 def weights_quality(model:GPT, dataset:str, weights=('bf16', 'int8'), tokens:int=200,
                     batch_size:int=32, device='cpu', prompt=None) -> dict:
     "Whole-split val loss of each weight format and route, and its greedy tokens against fp32's"

@@ -470,11 +470,10 @@ class DecodeLinear:
         if self.how == 'compiled': return self.w.float()
         return self.w.to_dense().float() if self.how == 'onednn' else self.w.t().float()
 
-    def readable(self, x, bias:bool=True, act:str=None):
+    def readable(self, x, bias:bool=True):
         "The same product written plainly: activations rounded as the kernel rounds them"
         if self.weights == 'fp32' or self.how == 'compiled':   # fp32 rows, fp32 sums
-            y = F.linear(x, self.weight(), self.b if bias else None)
-            return y if act is None else F.gelu(y, approximate=act)
+            return F.linear(x, self.weight(), self.b if bias else None)
         xr = x.to(torch.bfloat16).float()
         if self.weights == 'int8': y = F.linear(xr, self.w.float()) * self.scale.float()
         else: y = F.linear(xr, self.weight())
