@@ -10,11 +10,11 @@ __all__ = ['FEATURES', 'WEIGHT_FORMATS', 'DECODE_ROUTES', 'COMPILED_MIN', 'fast_
            'decode_routes', 'DecodeLinear', 'decode_route', 'DecodeStore', 'decode_store', 'decode_step']
 
 # %% ../nbs/14_cpu_speed.ipynb #76f70322
-import os, math, time, json, platform, statistics, functools, weakref, contextlib
+import os, sys, math, time, json, platform, statistics, functools, weakref, contextlib
 from collections import deque
 from pathlib import Path
 import munchkin_nb
-from .config import MunchkinError, atomic_write
+from .config import MunchkinError, atomic_write, say
 import torch
 import torch.nn.functional as F
 
@@ -523,6 +523,9 @@ def decode_route(model, weights:str='fp32', reps:int=5) -> str:
             or torch.are_deterministic_algorithms_enabled()): return 'linear'
     key = (weights, tuple(tuple(w.shape) for w, _, _ in lins), torch.get_num_threads())
     if key in _DECODE_ROUTE: return _DECODE_ROUTE[key]
+    if 'compiled' in routes:                          # seconds of building: say why it waits
+        say(f"note: timing {weights}'s decoding routes ({', '.join(routes)}) for this model, once a "
+            f"process: the compiled route's kernels take seconds to build", file=sys.stderr)
     times = {}
     with torch.inference_mode():
         xs = {n: torch.randn(1, n) for n in {w.size(1) for w, _, _ in lins}}   # one row

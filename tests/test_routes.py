@@ -249,14 +249,22 @@ def test_route_choice_follows_the_timing(weights, monkeypatch, compiled_timed):
         fast[routes[-1]], fast[routes[-2]] = 0.1e-3, 0.5e-3   # the fastest fails to build: the next
         assert _timed_choice(monkeypatch, weights, fast, failing=(routes[-1],)) == routes[-2]
 
-def test_compiled_route_timed_only_for_large_models(monkeypatch):
+def test_compiled_route_timed_only_for_large_models(monkeypatch, capsys):
     "Below COMPILED_MIN weights the compiled route, however fast, is not timed: the next one wins"
     _usable('compiled')
     cost = {h: 1e-3 for h in decode_routes('bf16')}
     cost['compiled'], cost['linear'] = 0.1e-3, 0.5e-3
     assert _timed_choice(monkeypatch, 'bf16', cost) == 'linear'
+    assert capsys.readouterr().err == ''                          # no building: no wait to explain
     monkeypatch.setattr(kernels, 'COMPILED_MIN', 192 * 192 * 12)   # this model's weights: timed
     assert _timed_choice(monkeypatch, 'bf16', cost) == 'compiled'
+    note = capsys.readouterr().err                                # the wait, said before it
+    assert note.startswith("note: timing bf16's decoding routes (") and note.count('\n') == 1
+    assert 'compiled' in note and "the compiled route's kernels take seconds to build" in note
+    kernels._DECODE_ROUTE.clear()
+    monkeypatch.setenv('MUNCHKIN_DECODE_ROUTE', 'compiled')        # forced: no timing, no note
+    m = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=192))
+    assert kernels.decode_route(m, 'bf16') == 'compiled' and capsys.readouterr().err == ''
 
 def test_compiled_route_without_a_compiler(monkeypatch):
     "Forced, the compiled route whose kernel cannot be built says so in one line with the way on"
