@@ -54,6 +54,7 @@ class Run(Trainer):
         self.resume_cmd = resume_cmd or "the same settings and init_from='resume'"
         self.lock, self.made_dir, self.hard_exit = None, False, False
         self.error = None   # what ended the run, when an error did (for metrics.jsonl's end record)
+        self.handled = None   # an error the caller was handling when it called `run` (not the run's)
         self.mfu, self.peak_flops = -1.0, None   # model FLOPs utilisation, and the peak it is of
         self.t_launch, self.dist = time.time(), dist or Dist()
         self.clock, self.t_loop, self.step_time = dict.fromkeys(PHASES, 0.0), None, 0.0
@@ -256,7 +257,8 @@ def close(self:Run):
 def _end(self:Run):
     "Every callback's `on_end` (one that fails cannot hide why the run stopped), then `close`"
     ending = sys.exc_info()[1]   # in Trainer.run's `finally`: the error ending the run, if one is
-    if ending is not None: self._note_error(ending)   # before metrics.jsonl's end record is written
+    if ending is not None and ending is not self.handled:   # (not one the caller was handling)
+        self._note_error(ending)   # before metrics.jsonl's end record is written
     try:
         with self.timed('plots and logs'):
             if self.dist.master and self.started: self._end_callbacks()
@@ -598,6 +600,7 @@ def _stop_signals(self:Run):
 @patch
 def run(self:Run):
     "The Trainer's run, with stop signals caught (`_signals`)"
+    self.handled = sys.exc_info()[1]   # run() inside the caller's `except`: an error not the run's
     with self._signals(): return Trainer.run(self)
 
 # %% ../nbs/16_runs.ipynb #f322d587

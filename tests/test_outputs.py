@@ -32,7 +32,8 @@ from conftest import REPO, BIN
 NBS = REPO/'nbs'
 NOTEBOOKS = sorted(p.stem for p in NBS.glob('*.ipynb'))
 SKIP_FLAGS = ('notest', 'slow')  # settings.ini's tst_flags, as nbdev_test reads them
-COST = {'02_gpt': 80, '03_train': 60, '14_cpu_speed': 40, '11_corpus': 20, '04_generate': 20}  # s, to start the long ones first
+COST = {'14_cpu_speed': 23, '03_train': 22, '15_bench': 19, '16_runs': 17, '04_generate': 14,
+        '05_tokenizer': 11, '02_gpt': 10}  # s, one at a time on the AMD EPYC: the long ones start first
 CELL_TIMEOUT = 600  # s
 
 _DIRECTIVES = re.compile(r'\A(?:[ \t]*(?:#\s*\|[^\n]*)?\n)*')  # the leading `#|` lines (and blank ones)
