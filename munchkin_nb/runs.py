@@ -764,10 +764,9 @@ def eval_memory(cfg:dict, # the model's arguments (a checkpoint's model_args)
                 batch_size:int) -> dict: # rows a batch
     "Bytes evaluating a model allocates, roughly: its weights, and what one batch's forward holds"
     L, H, C, T, V = (cfg[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size'))
-    per_token = 12 * C + (H * T if not fast_paths() else 0) + 3 * V + 4
+    per_token = 16 * C + (H * T if not fast_paths() else 0) + 3 * V + 4
     return {'weights': 4 * (12 * L * C * C + (V + T) * C),
             'activations': 4 * batch_size * T * per_token}
-
 
 # %% ../nbs/16_runs.ipynb #157c2335
 EVAL_SETTINGS = ('dataset', 'source', 'batch_size', 'eval_iters', 'seed', 'device', 'dtype',
